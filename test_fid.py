@@ -202,6 +202,16 @@ def test_cli_save_stats_single_process_and_torchrun(tmp_path):
     assert_rel_close(b["mu"], a["mu"], 1e-5)
     assert_rel_close(b["sigma"], a["sigma"], 1e-5)
 
+def test_cli_fid_of_saved_stats(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(30, 8)), rng.normal(size=(20, 8)) + 0.5
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    for name, (mu, sigma) in zip("ab", stats):
+        np.savez(tmp_path / f"{name}.npz", mu=mu, sigma=sigma)
+    fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"FID: {fid.frechet_distance(*stats[0], *stats[1]):.6f}" and float(out[-1][5:]) > 1
+
 def test_cli_errors(tmp_path, capsys):
     def error(*argv):
         with pytest.raises(SystemExit) as e:
@@ -221,6 +231,9 @@ def test_cli_errors(tmp_path, capsys):
     assert "cannot read image" in msg and "bad.jpg" in msg
     assert "two PATHs" in error(tmp_path / "mixed")
     assert "No such file" in error(tmp_path / "missing.npz", tmp_path / "missing.npz")
+    assert "neither a folder nor a .npz" in error(tmp_path / "missing", tmp_path / "empty")
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3))
+    assert "holds no mu and sigma" in error(tmp_path / "bad.npz", tmp_path / "bad.npz")
 
 # -----------------------------------------------------------------------------
 # downloads, offline
