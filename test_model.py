@@ -1,0 +1,351 @@
+"""Tests of model.py: numerics against the official code's golden vectors, the checkpoint layout and format,
+the attention window, the sampler, input checks, and that a small model learns."""
+import ast
+import glob
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import model
+from model import SSDD, load_safetensors, save_safetensors
+
+TINY = dict(widths=(32, 32, 64, 64), depth=2, heads=2)
+
+
+def golden_weights(m):
+    """The seeded weights the golden vectors were made with (testdata/GOLDEN.md)."""
+    sd = {}
+    for k, v in m.state_dict().items():
+        w = torch.randn(v.shape, generator=torch.Generator().manual_seed(zlib.crc32(k.encode())))
+        if k.endswith("relative_bias_table"):
+            w = 0.5 * w
+        elif w.ndim >= 2:
+            w = 0.05 * w
+        elif k.endswith(".weight"):
+            w = 1 + 0.02 * w
+        else:
+            w = 0.02 * w
+        sd[k] = w
+    m.load_state_dict(sd)
+    return m.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def official_layout(size):
+    rows = [line.rstrip("\n").split("\t") for line in open(f"testdata/ssdd_f8c4_{size}_state_dict.tsv") if not line.startswith("#")]
+    return {k: ast.literal_eval(shape) for k, shape in rows}
+
+
+def photos(n, size=64):
+    files = sorted(glob.glob("testdata/photos/train/*.png"))[:n]
+    x = np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)) for f in files])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+@pytest.mark.parametrize("name,size", [("S_64", "S"), ("S_128", "S"), ("M_128", "M")])
+def test_golden_vectors(name, size):
+    g = torch.load(f"testdata/golden_f8c4_{name}.pt", weights_only=True)
+    m = golden_weights(SSDD("f8c4", size))
+    with torch.no_grad():
+        assert rel_err(m.encode(g["x"]), g["z"]) < 1e-4
+        assert rel_err(m.decoder(g["x_t"], g["t"], g["z"]), g["v"]) < 1e-4
+        assert rel_err(m.decode(g["z"], steps=1, noise=g["noise"]), g["sample_1"]) < 1e-4
+        if size == "S":  # 8 steps of M cost 30 s on 2 cores; its velocity above already pins it down
+            assert rel_err(m.decode(g["z"], steps=8, noise=g["noise"]), g["sample_8"]) < 1e-4
+
+
+@pytest.mark.parametrize("size,count", [("S", 14_057_059), ("B", 21_140_459), ("M", 50_280_147), ("L", 90_759_939),
+                                        ("XL", 161_272_835), ("H", 362_688_003)])
+def test_parameter_counts(size, count):
+    with torch.device("meta"):
+        m = SSDD("f8c4", size)
+    assert sum(p.numel() for p in m.decoder.parameters()) == count
+    assert sum(p.numel() for p in m.encoder.parameters()) == 34_163_664
+
+
+@pytest.mark.parametrize("size", ["S", "M", "H"])
+def test_official_state_dict_layout(size):
+    with torch.device("meta"):
+        m = SSDD("f8c4", size)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == official_layout(size)
+
+
+def dense_window_attention(attn, table, x):
+    """Straightforward reference: a dense (heads, N, N) bias filled offset by offset, -inf elsewhere,
+    softmax attention in float64."""
+    B, N, D = x.shape
+    side = int(N ** 0.5)
+    heads = table.shape[-1]
+    row, col = torch.arange(N) // side, torch.arange(N) % side
+    d_row, d_col = row[:, None] - row[None, :], col[:, None] - col[None, :]  # query minus key
+    bias = torch.full((heads, N, N), float("-inf"), dtype=torch.float64)
+    for di in range(-7, 8):
+        for dj in range(-7, 8):
+            pairs = (d_row == di) & (d_col == dj)
+            bias[:, pairs] = table[di + 7, dj + 7].double()[:, None]
+    q, k, v = (p(x).double().view(B, N, heads, D // heads).transpose(1, 2) for p in (attn.to_q, attn.to_k, attn.to_v))
+    w = torch.softmax(q @ k.transpose(-1, -2) / (D // heads) ** 0.5 + bias, dim=-1)
+    out = (w @ v).transpose(1, 2).reshape(B, N, D)
+    return F.linear(out, attn.out_proj.weight.double(), attn.out_proj.bias.double())
+
+
+@pytest.mark.parametrize("side", [8, 16, 32])
+def test_window_attention_matches_dense_mask(side):
+    torch.manual_seed(side)
+    block = model.TransformerBlock(64, 4, 16)
+    torch.nn.init.normal_(block.relative_position_bias.relative_bias_table)
+    x = torch.randn(2, side * side, 64, requires_grad=True)
+    index = model.window_index(side, side, x.device)
+    ours = block.attn1(x, block.relative_position_bias(index))
+    ref = dense_window_attention(block.attn1, block.relative_position_bias.relative_bias_table, x)
+    assert rel_err(ours.double(), ref) < 1e-5
+    grad = torch.randn_like(ref)
+    g_ours = torch.autograd.grad(ours, [x, block.relative_position_bias.relative_bias_table], grad.float())
+    g_ref = torch.autograd.grad(ref, [x, block.relative_position_bias.relative_bias_table], grad)
+    for a, b in zip(g_ours, g_ref):
+        assert rel_err(a.double(), b) < 1e-5
+
+
+def test_relative_bias_is_read_on_every_call():
+    block = model.TransformerBlock(64, 4, 16)
+    x = torch.randn(1, 64, 64)
+    index = model.window_index(8, 8, x.device)
+    before = block.attn1(x, block.relative_position_bias(index))
+    with torch.no_grad():
+        block.relative_position_bias.relative_bias_table.normal_()
+    assert not torch.allclose(before, block.attn1(x, block.relative_position_bias(index)))
+
+
+@pytest.mark.parametrize("encoder,shape", [("f8c4", (64, 96)), ("f16c8", (128, 64)), ("f4c3", (64, 64))])
+def test_context_modulation_equals_upsampling(encoder, shape):
+    """Modulating by broadcast equals the straightforward nearest-upsampled context at every level."""
+    torch.manual_seed(0)
+    m = SSDD(encoder, TINY)
+    z = torch.randn(2, m.decoder.z_channels, shape[0] // m.factor, shape[1] // m.factor)
+    ctx = torch.randn(2, 32, *z.shape[-2:])
+    for level, div in zip(m.decoder.down_blocks, (1, 2, 4, 8)):
+        norm = level.resnets[0].norm1
+        h = torch.randn(2, level.resnets[0].conv1.in_channels, shape[0] // div, shape[1] // div)
+        up = F.interpolate(ctx, size=h.shape[-2:], mode="nearest")
+        scale, shift = F.conv2d(up, norm.ctx_proj.weight, norm.ctx_proj.bias).chunk(2, dim=1)
+        ref = F.group_norm(h, 32, eps=1e-5) * (1 + scale) + shift
+        torch.testing.assert_close(norm(h, ctx), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_time_grid():
+    torch.testing.assert_close(model.time_grid(4), torch.tensor([1.0, 0.75 ** 4, 0.5 ** 4, 0.25 ** 4, 0.0]))
+    assert model.time_grid(1).tolist() == [1.0, 0.0]
+
+
+def test_sampler():
+    torch.manual_seed(0)
+    m = SSDD("f8c4", TINY).eval()
+    for p in m.decoder.parameters():  # make the velocity depend on everything
+        torch.nn.init.normal_(p, std=0.05)
+    z = torch.randn(2, 4, 8, 8)
+    noise = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        one = m.decode(z, steps=1, noise=noise)
+        torch.testing.assert_close(one, noise + m.decoder(noise, torch.ones(2), z))
+        # two steps by hand on the (1 - i/N)^4 grid: t = 1 -> 1/16 -> 0
+        x = noise + (1 - 1 / 16) * m.decoder(noise, torch.ones(2), z)
+        x = x + (1 / 16) * m.decoder(x, torch.full((2,), 1 / 16), z)
+        torch.testing.assert_close(m.decode(z, steps=2, noise=noise), x)
+        assert m.default_steps == 8
+        a = m.decode(z, generator=torch.Generator().manual_seed(1))
+        b = m.decode(z, generator=torch.Generator().manual_seed(1))
+        c = m.decode(z, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (128, 128), (256, 256), (64, 128), (192, 64)])
+def test_shapes(hw):
+    m = SSDD("f8c4", TINY).eval()
+    x = torch.rand(1, 3, *hw) * 2 - 1
+    with torch.no_grad():
+        z = m.encode(x)
+        assert z.shape == (1, 4, hw[0] // 8, hw[1] // 8)
+        assert m.decode(z, steps=1).shape == x.shape
+        out = m(x, t=torch.rand(1))
+    assert out["x0_hat"].shape == x.shape
+    assert out["hidden"].shape == (1, hw[0] * hw[1] // 64, 64)
+
+
+def test_encoder_factors():
+    for name, f in (("f16c8", 16), ("f4c3", 4)):
+        m = SSDD(name, TINY).eval()
+        x = torch.rand(1, 3, 128, 64) * 2 - 1
+        with torch.no_grad():
+            z = m.encode(x)
+            assert z.shape == (1, int(name.split("c")[1]), 128 // f, 64 // f)
+            assert m.decode(z, steps=1).shape == x.shape
+
+
+def test_input_errors():
+    m = SSDD("f8c4", TINY)
+    with pytest.raises(ValueError, match="at least 64 px"):
+        m.encode(torch.zeros(1, 3, 32, 64))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        m.encode(torch.zeros(1, 3, 68, 64))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        m.encode(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="latent z must be"):
+        m.decode(torch.zeros(1, 8, 8, 8))
+    with pytest.raises(ValueError, match="does not match latent"):
+        m.decoder(torch.zeros(1, 3, 64, 64), torch.ones(1), torch.zeros(1, 4, 16, 16))
+    with pytest.raises(ValueError, match="f8c4"):
+        SSDD("vae", "M")
+    with pytest.raises(ValueError, match="decoder size"):
+        SSDD("f8c4", "XXL")
+    with pytest.raises(ValueError, match="divisible by 16"):
+        SSDD("f16c4", TINY).encode(torch.zeros(1, 3, 72, 64))
+
+
+def test_training_call():
+    torch.manual_seed(0)
+    m = SSDD("f8c4", TINY)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    t, noise = torch.tensor([0.3, 1.0]), torch.randn(2, 3, 64, 64)
+    out = m(x, t=t, noise=noise)
+    assert out["kl"].ndim == 0 and out["kl"] > 0
+    x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    v = m.decoder(x_t, t, out["z"])
+    torch.testing.assert_close(out["loss"], F.mse_loss(v, x - noise))
+    torch.testing.assert_close(out["x0_hat"], x_t + t.view(-1, 1, 1, 1) * v)
+    given = m(x, t=t, noise=noise, z=out["z"])
+    assert given["kl"] is None
+    torch.testing.assert_close(given["loss"], out["loss"])
+    assert m(x)["t"].min() > 0  # logit-normal t when not given
+
+
+def test_tiny_model_learns_real_photos():
+    """Decoder-only training on a frozen encoder (stage 1) over 2 real photos: the flow-matching loss falls
+    and the one-step reconstruction gets much better."""
+    torch.manual_seed(0)
+    m = SSDD("f8c4", TINY)
+    x = photos(2)
+    with torch.no_grad():
+        z = m.encode(x)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+
+    def psnr():
+        with torch.no_grad():
+            mse = F.mse_loss((m.decode(z, steps=1, noise=noise) + 1) / 2, (x + 1) / 2)
+        return -10 * torch.log10(mse).item()
+
+    psnr_before = psnr()
+    opt = torch.optim.Adam(m.decoder.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = m(x, z=z)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:10])
+    assert psnr() > psnr_before + 6
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = SSDD("f8c4", TINY)
+    m.default_steps, m.latent_mean, m.latent_std = 1, 0.25, 2.0
+    m.save(tmp_path / "m.safetensors", note="hello")
+    loaded = SSDD.from_checkpoint(tmp_path / "m.safetensors")
+    assert loaded.config == m.config and loaded.default_steps == 1
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    z = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(loaded.denormalize_latent(loaded.normalize_latent(z)), z)
+    torch.testing.assert_close(loaded.normalize_latent(z), (z - 0.25) / 2.0)
+    _, meta = load_safetensors(tmp_path / "m.safetensors")
+    assert json.loads(meta["note"]) == "hello"
+
+
+def test_named_size_is_recognised(tmp_path):
+    with torch.device("meta"):
+        big = SSDD("f8c4", "S")
+    sd = {k: torch.zeros(v.shape) for k, v in big.state_dict().items()}
+    save_safetensors(sd, tmp_path / "s.safetensors")
+    m = SSDD.from_checkpoint(tmp_path / "s.safetensors")
+    assert m.config == dict(encoder="f8c4", decoder="S") and m.latent_mean is None
+
+
+def test_safetensors_package_interop(tmp_path):
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    m = SSDD("f8c4", TINY)
+    official = tmp_path / "official.safetensors"
+    save_file(m.state_dict(), official, metadata={"format": "pt"})
+    loaded = SSDD.from_checkpoint(official)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    mixed = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
+             "c": torch.tensor([True, False]), "d": torch.randn(2, 2, dtype=torch.float16), "e": torch.zeros(0, 3)}
+    save_safetensors(mixed, tmp_path / "ours.safetensors", {"k": "v"})
+    theirs = load_file(tmp_path / "ours.safetensors")
+    ours, _ = load_safetensors(tmp_path / "ours.safetensors")
+    for k, v in mixed.items():
+        assert torch.equal(theirs[k], v) and torch.equal(ours[k], v) and ours[k].dtype == v.dtype
+
+
+def test_mismatched_checkpoint_is_explained(tmp_path):
+    m = SSDD("f8c4", TINY)
+    sd = dict(m.state_dict())
+    sd.pop("decoder.conv_out.bias")
+    sd["decoder.extra"] = torch.zeros(1)
+    sd["decoder.conv_in.weight"] = torch.zeros(32, 5, 3, 3)
+    save_safetensors(sd, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError) as e:
+        SSDD.from_checkpoint(tmp_path / "bad.safetensors")
+    msg = str(e.value)
+    assert "1 missing: decoder.conv_out.bias" in msg and "1 unexpected: decoder.extra" in msg
+    assert "decoder.conv_in.weight: checkpoint (32, 5, 3, 3), model (32, 7, 3, 3)" in msg
+    save_safetensors({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not an SSDD checkpoint"):
+        SSDD.from_checkpoint(tmp_path / "other.safetensors")
+
+
+def framed(header, data=b""):
+    """A .safetensors byte string around a header given as bytes or as a JSON-able object."""
+    head = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(head)) + head + data
+
+
+def f32(shape, start, stop):
+    return {"dtype": "F32", "shape": shape, "data_offsets": [start, stop]}
+
+
+DATA = bytes(32)
+MALFORMED = {
+    "short": (b"abc", "shorter than"),
+    "huge_header": (struct.pack("<Q", 1 << 40) + b"{}", "header length"),
+    "not_json": (framed(b"\xff\xfe{not json"), "not JSON"),
+    "not_object": (framed([1, 2]), "not a JSON object"),
+    "bad_dtype": (framed({"a": {"dtype": "PICKLE", "shape": [1], "data_offsets": [0, 4]}}, DATA), "no supported dtype"),
+    "bad_shape": (framed({"a": f32("4", 0, 16)}, DATA), "invalid shape"),
+    "negative_shape": (framed({"a": f32([-4], 0, 16)}, DATA), "invalid shape"),
+    "out_of_file": (framed({"a": f32([4], 0, 1 << 50)}, DATA), "outside"),
+    "wrong_size": (framed({"a": f32([4], 0, 32)}, DATA), "needs 16 bytes"),
+    "overlap": (framed({"a": f32([4], 0, 16), "b": f32([4], 8, 24)}, DATA[:24]), "expected 16"),
+    "trailing": (framed({"a": f32([4], 0, 16)}, DATA), "trailing bytes"),
+    "metadata": (framed({"__metadata__": {"a": 1}, "b": f32([4], 0, 16)}, DATA[:16]), "__metadata__"),
+    "truncated": (framed({"a": f32([8], 0, 32)}, DATA[:20]), "outside"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_safetensors_rejected(tmp_path, case):
+    blob, match = MALFORMED[case]
+    (tmp_path / "bad.safetensors").write_bytes(blob)
+    with pytest.raises(ValueError, match=match):
+        load_safetensors(tmp_path / "bad.safetensors")
