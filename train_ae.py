@@ -69,6 +69,19 @@ def barrier():
         dist.barrier()
 
 
+@torch.no_grad()
+def replica_fingerprints(module):
+    """(sum, sum of squares) of all parameters on every rank, shape (world_size, 2): rows are equal while
+    the replicas hold the same weights."""
+    params = [p.double() for p in module.parameters()]
+    f = torch.stack([sum(p.sum() for p in params), sum(p.square().sum() for p in params)])
+    if not dist.is_initialized():
+        return f[None]
+    out = [torch.zeros_like(f) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, f)
+    return torch.stack(out)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data. Every random choice of a sample (its scale, crop, flip) comes from a generator seeded by
 # (seed, epoch, index), so a sample is augmented the same way whatever the number of ranks or workers.
@@ -747,6 +760,10 @@ def train(args, rank, world, device):
         barrier()
 
     def save():
+        fingerprints = replica_fingerprints(raw)
+        log(dict(step=step, replica_fingerprints=fingerprints.tolist()))
+        if not (fingerprints == fingerprints[0]).all():
+            raise SystemExit(f"error: the ranks' weights differ at step {step}: {fingerprints.tolist()}")
         if rank == 0:
             save_training_state(state_path, dict(
                 step=step, best_rfid=best_rfid, args=vars(args), model=raw.ssdd.state_dict(), ema=ema.state_dict(),
