@@ -652,6 +652,7 @@ if __name__ == "__main__":
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print the kernels that take the decode time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
 
@@ -683,6 +684,11 @@ if __name__ == "__main__":
     z, enc_speed = timed(lambda: m.encode(x))
     _, dec_speed = timed(lambda: m.decode(z, steps=args.steps))
     mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if dev.type == "cuda" else ""
+    if args.profile:
+        with torch.profiler.profile() as prof, torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            m.decode(z, steps=args.steps)
+        sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{args.encoder} {args.size} {args.im}px batch {args.batch} {args.steps} step(s) "
           f"{'compiled' if args.compile else 'eager'}{' channels-last' if args.channels_last else ''} on {where}: "
