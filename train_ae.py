@@ -1,6 +1,7 @@
 """Train an SSDD autoencoder: the official recipe (arXiv 2510.04961, SPEC sections 4-5) on raw DDP.
 
-    python train_ae.py --data synthetic --size S --im 64 --batch-size 8 --train-encoder --max-steps 200
+    python train_ae.py --data synthetic --size S --im 64 --batch-size 8 --train-encoder --max-steps 200 \
+        --lpips-weight 0 --repa-weight 0    # no downloads: runs anywhere
     torchrun --nproc_per_node 8 train_ae.py --data /imagenet --size M --im 256 --init runs/m128/ema.safetensors
 
 Stages of the recipe: 0) encoder + M decoder jointly (--train-encoder, --lr 1e-4); 1) each decoder size at
@@ -16,7 +17,6 @@ imported by the other scripts of the repo.
 import argparse
 import copy
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -29,9 +29,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.utils
 from PIL import Image, ImageDraw, ImageFilter
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import fid
@@ -45,12 +47,15 @@ def setup_distributed():
     """Returns (rank, world_size, device). NCCL on GPUs, gloo on CPUs."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
     local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{local_rank}")
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def cleanup_distributed():
@@ -160,7 +165,7 @@ class ImageFolder(ImageDataset):
             try:
                 with Image.open(path) as img:
                     return img.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
         raise RuntimeError(f"{self.MAX_CONSECUTIVE_FAILURES} consecutive images from {self.paths[i]} on could not "
                            f"be read: the data folder looks corrupt")
@@ -216,23 +221,28 @@ def build_datasets(data, size, aug_scale=1.0, limit=None, seed=0):
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way through, for exact resumption."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
     def set_epoch(self, epoch, skip=0):
+        """skip: how many of this rank's samples of the epoch were already used."""
         super().set_epoch(epoch)
         self.skip = skip
 
     def __iter__(self):
-        return iter(list(super().__iter__())[getattr(self, "skip", 0):])
+        return iter(list(super().__iter__())[self.skip:])
 
     def __len__(self):
-        return self.num_samples - getattr(self, "skip", 0)
+        return self.num_samples - self.skip
 
 
 def train_loader(dataset, local_batch, rank, world_size, seed, workers):
     """Loader over this rank's share of a shuffled epoch. Incomplete batches are dropped on every rank, so
     global batch i holds the same images whatever the number of ranks."""
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers, pin_memory=True,
-                        drop_last=True)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=True)
     return loader, sampler
 
 
@@ -321,30 +331,14 @@ class DINOv2(nn.Module):
         return self.norm(x)[:, 1:]
 
 
-def download(url, sha256=None):
-    """Download url into the torch hub cache once (atomically); with sha256, verify the file."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(url, path + ".part", progress=True)
-        except OSError as e:
-            raise RuntimeError(f"could not download {url} ({e}); on a machine without internet, put the file "
-                               f"at {path} or pass its path") from None
-        os.replace(path + ".part", path)
-    if sha256:
-        with open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != sha256:
-            raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256}: delete it and download again")
-    return path
-
-
 def load_dinov2(path=None, device="cpu"):
-    """The frozen DINOv2 ViT-B/14 from the official dinov2_vitb14 checkpoint (downloaded on first use,
-    or a local path), in eval mode."""
-    path = path or download(DINOV2_URL)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """The frozen DINOv2 ViT-B/14 from the official dinov2_vitb14 checkpoint (downloaded into the torch hub
+    cache on first use, or a local path), in eval mode. The official release publishes no checksum, so the
+    file is checked by loading it strictly: every one of its tensors must have its ViT-B/14 name and shape."""
+    if path is None:
+        state = fid.download(DINOV2_URL, hint="pass --dinov2-weights PATH")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     state.pop("mask_token", None)  # only used by DINOv2's masked-image pretraining
     net = DINOv2()
     net.load_state_dict(state)
@@ -532,7 +526,10 @@ def evaluate(model, dataset, batch_size, device, num_images=None, steps=None, se
     on uint8-quantised images: {'psnr' (from the aggregate MSE), 'ssim' (per-image mean), 'rfid' (None
     without an Inception network)}, and (originals, reconstructions) of rank 0's first batch in [-1, 1]."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    indices = list(range(rank, min(num_images or len(dataset), len(dataset)), world))
+    n = min(num_images or len(dataset), len(dataset))
+    if n < world:
+        raise ValueError(f"evaluating {n} images on {world} ranks: give every rank at least one")
+    indices = list(range(rank, n, world))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # squared error, elements, SSIM, images
     stats = (fid.FeatureStats(device=device), fid.FeatureStats(device=device)) if inception is not None else None
@@ -585,8 +582,6 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 
 def train_flops_per_image(loss_model, lpips, dino, image_shape, latent_shape, grid, device):
     """FLOPs of one training step on one image (forward and backward), counted on an eager batch of 1."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     x = torch.zeros(1, *image_shape, device=device)
     with FlopCounterMode(display=False) as counter, autocast(device):
         target = dino(dinov2_input(x, grid)) if dino is not None else None
@@ -672,7 +667,7 @@ def train(args, rank, world, device):
     if rank == 0:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     barrier()
-    state = load_training_state(state_path, device) if os.path.exists(state_path) else None
+    state = load_training_state(state_path) if os.path.exists(state_path) else None
 
     train_set, val_set = build_datasets(args.data, args.im, args.aug_scale, args.limit, args.seed)
     if len(train_set) < args.batch_size:
@@ -703,15 +698,18 @@ def train(args, rank, world, device):
         changed = {k: (state["args"].get(k), v) for k, v in vars(args).items() if state["args"].get(k) != v}
         if rank == 0:
             print(f"resuming {run_dir} at step {step}" + (f"; arguments changed (was, now): {changed}" if changed else ""))
+        del state
     optimizer.train()
     weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight)
 
     # frozen networks of the losses, loaded only when their weight is nonzero
     lpips = fid.LPIPS(net="vgg").to(device).eval().requires_grad_(False) if args.lpips_weight > 0 else None
     dino = load_dinov2(args.dinov2_weights, device) if args.repa_weight > 0 else None
-    try:
+    try:  # weights given explicitly must load; the default download may fail offline, and rFID is then skipped
         inception = fid.load_inception(args.fid_weights, device=device)
-    except (OSError, RuntimeError) as e:
+    except RuntimeError as e:
+        if args.fid_weights:
+            raise
         inception = None
         if rank == 0:
             print(f"rFID unavailable ({e}); evaluating PSNR and SSIM only", file=sys.stderr)
@@ -725,8 +723,9 @@ def train(args, rank, world, device):
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name(device)), None)
     model = raw
     if compile_model:
-        model, lpips = torch.compile(model), lpips and torch.compile(lpips)
-        dino = dino and torch.compile(dino)
+        model = torch.compile(model)
+        lpips = torch.compile(lpips) if lpips is not None else None
+        dino = torch.compile(dino) if dino is not None else None
     if dist.is_initialized():
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -749,8 +748,7 @@ def train(args, rank, world, device):
         metrics, (orig, rec) = evaluate(ema, val_set, local_batch, device, args.eval_images, seed=args.seed,
                                         inception=inception, workers=args.num_workers)
         log(dict(step=step, eval=metrics))
-        if rank == 0:
-            import torchvision.utils
+        if rank == 0:  # originals above their reconstructions
             torchvision.utils.save_image(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5,
                                          os.path.join(run_dir, "samples", f"{step:08d}.png"), nrow=min(8, len(orig)))
             if metrics["rfid"] is not None and metrics["rfid"] < best_rfid:
