@@ -1,0 +1,288 @@
+"""Distill a trained SSDD into a single-step decoder (SPEC section 6), on raw DDP.
+
+    python distill.py --teacher runs/tiny/ema.safetensors --data synthetic --im 64 --batch-size 8 --max-steps 100
+    torchrun --nproc_per_node 8 distill.py --teacher runs/m256/ema.safetensors --data /imagenet --im 256
+
+The teacher (the trained model's EMA weights, frozen) encodes each batch to its latent mean z, draws noise e
+and integrates its N-step Euler sampler from e to x_T. The student starts as a copy of the teacher and is
+trained at t = 1 on the same e and z, so its one-step output e + D(e, 1, z) regresses onto x_T:
+    L = MSE(v_hat, x_T - e) + 0.5 LPIPS_vgg(e + v_hat, x_T) + 0.25 REPA(real image).
+Only the decoder (and the REPA head) learns: the student keeps the teacher's encoder, so its latents are the
+teacher's and it can replace the teacher's decoder as it is. Everything else is train_ae.py's: data, DDP,
+bf16, compile, schedule-free RAdam with the EMA of its averaged weights, validation, the run directory
+(state.pt resumes exactly, ema.safetensors, best.safetensors, log.jsonl, samples/). The saved models decode
+in one step by default.
+"""
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision.utils
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import fid
+import train_ae
+from model import SSDD
+from train_ae import autocast, all_reduce, barrier
+
+LOSS_TERMS = ("fm", "lpips", "repa")  # no KL: the encoder is frozen
+
+
+class DistillLoss(nn.Module):
+    """Student SSDD plus the REPA head, one module so that DDP syncs the gradients of both.
+    forward(x_T, noise, z, dino_tokens) -> ({term: loss}, one-step output e + v_hat)."""
+
+    def __init__(self, ssdd, repa):
+        super().__init__()
+        self.ssdd = ssdd
+        self.repa_loss = train_ae.REPALoss(ssdd.decoder.width) if repa else None
+
+    def forward(self, x_T, noise, z, dino_tokens=None):
+        # at t = 1 the decoder input is exactly the noise, the target velocity x_T - e and x0_hat = e + v_hat
+        out = self.ssdd(x_T, t=torch.ones(len(x_T), device=x_T.device), noise=noise, z=z)
+        terms = dict(fm=out["loss"])
+        if self.repa_loss is not None:
+            terms["repa"] = self.repa_loss(out["hidden"], dino_tokens)
+        return terms, out["x0_hat"]
+
+
+@torch.no_grad()
+def teacher_targets(teacher, x, noise, steps):
+    """Latent means z of the images x and the teacher's `steps`-step Euler samples x_T from the noise."""
+    z = teacher.encode(x)
+    return z, teacher.decode(z, steps=steps, noise=noise)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", required=True, help="SSDD .safetensors to distill (train_ae.py's ema.safetensors)")
+    p.add_argument("--teacher-steps", type=int, default=7, help="Euler steps of the teacher's samples")
+    p.add_argument("--data", required=True, help="image folder (searched recursively; uses train/ and val/ when "
+                   "both exist), or 'synthetic' for generated images")
+    p.add_argument("--im", type=int, default=256, help="resolution, that of the teacher's last training stage")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the processes")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    p.add_argument("--aug-scale", type=float, default=2.0, help="short side resized to [im, aug_scale * im)")
+    p.add_argument("--run-dir", default=None, help="default runs/distill-<date-time>; an existing run dir resumes")
+    p.add_argument("--lpips-weight", type=float, default=0.5)
+    p.add_argument("--repa-weight", type=float, default=0.25)
+    p.add_argument("--ema-start", type=int, default=50_000, help="EMA 0.999 from this step, a copy before")
+    p.add_argument("--eval-every", type=int, default=10_000)
+    p.add_argument("--eval-images", type=int, default=5_000, help="validation subset used by the periodic eval")
+    p.add_argument("--ckpt-every", type=int, default=1_000)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="use only N training and N validation images")
+    p.add_argument("--num-workers", type=int, default=8, help="data loader processes per rank")
+    p.add_argument("--dinov2-weights", default=None, help="local dinov2_vitb14_pretrain.pth (default: download)")
+    p.add_argument("--fid-weights", default=None, help="local FID Inception weights (default: download)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = train_ae.setup_distributed()
+    try:
+        distill(args, rank, world, device)
+    finally:
+        train_ae.cleanup_distributed()
+
+
+def distill(args, rank, world, device):
+    if args.batch_size % world:
+        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+    if not os.path.isfile(args.teacher):
+        raise SystemExit(f"error: teacher checkpoint {args.teacher!r} does not exist")
+    if args.teacher_steps < 1:
+        raise SystemExit(f"error: --teacher-steps must be at least 1, got {args.teacher_steps}")
+    local_batch = args.batch_size // world
+    cuda = device.type == "cuda"
+    compile_model = cuda if args.compile is None else args.compile
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # run directory: rank 0 names it, every rank uses it; an existing state.pt means resume
+    run_dir = [args.run_dir or os.path.join("runs", "distill-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(run_dir, src=0)
+    run_dir = run_dir[0]
+    state_path = os.path.join(run_dir, "state.pt")
+    if rank == 0:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    barrier()
+    state = train_ae.load_training_state(state_path) if os.path.exists(state_path) else None
+
+    train_set, val_set = train_ae.build_datasets(args.data, args.im, args.aug_scale, args.limit, args.seed)
+    if len(train_set) < args.batch_size:
+        raise SystemExit(f"error: {len(train_set)} training images, fewer than one batch of {args.batch_size}")
+    loader, sampler = train_ae.train_loader(train_set, local_batch, rank, world, args.seed, args.num_workers)
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
+
+    # teacher, student (a copy of the teacher), EMA, optimizer; the seed makes the REPA head equal on every rank
+    try:
+        teacher = SSDD.from_checkpoint(args.teacher, device).requires_grad_(False)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    torch.manual_seed(args.seed)
+    student = SSDD.from_checkpoint(args.teacher)
+    student.default_steps = 1
+    student.encoder.requires_grad_(False)
+    raw = DistillLoss(student, repa=args.repa_weight > 0).to(device)
+    ema = copy.deepcopy(student).eval().requires_grad_(False)
+    optimizer = train_ae.RAdamScheduleFree(train_ae.param_groups(raw.named_parameters(), train_ae.WEIGHT_DECAY), lr=args.lr)
+    step, best_rfid = 0, math.inf
+    if state is not None:
+        raw.ssdd.load_state_dict(state["model"])
+        if raw.repa_loss is not None:
+            raw.repa_loss.load_state_dict(state["repa_loss"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best_rfid = state["step"], state["best_rfid"]
+        changed = {k: (state["args"].get(k), v) for k, v in vars(args).items() if state["args"].get(k) != v}
+        if rank == 0:
+            print(f"resuming {run_dir} at step {step}" + (f"; arguments changed (was, now): {changed}" if changed else ""))
+        del state
+    optimizer.train()
+    weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight)
+
+    # frozen networks of the losses, loaded only when their weight is nonzero
+    lpips = fid.LPIPS(net="vgg").to(device).eval().requires_grad_(False) if args.lpips_weight > 0 else None
+    dino = train_ae.load_dinov2(args.dinov2_weights, device) if args.repa_weight > 0 else None
+    try:  # weights given explicitly must load; the default download may fail offline, and rFID is then skipped
+        inception = fid.load_inception(args.fid_weights, device=device)
+    except RuntimeError as e:
+        if args.fid_weights:
+            raise
+        inception = None
+        if rank == 0:
+            print(f"rFID unavailable ({e}); evaluating PSNR and SSIM only", file=sys.stderr)
+
+    image_shape = (3, args.im, args.im)
+    latent_shape = (student.decoder.z_channels, args.im // student.factor, args.im // student.factor)
+    grid = args.im // 8  # the decoder's transformer works at 1/8 resolution
+    model = raw
+    if compile_model:
+        model = torch.compile(model)
+        lpips = torch.compile(lpips) if lpips is not None else None
+        dino = torch.compile(dino) if dino is not None else None
+        teacher.encoder, teacher.decoder = torch.compile(teacher.encoder), torch.compile(teacher.decoder)
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
+    if rank == 0:
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        print(f"distilling {args.teacher} ({args.teacher_steps} steps) into one step: {len(train_set)} training / "
+              f"{len(val_set)} validation images, {steps_per_epoch} steps per epoch, {total_steps} steps, run dir {run_dir}")
+    log_file = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
+
+    def log(record):
+        if rank == 0:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def run_eval():  # the EMA student, in one step (its default)
+        nonlocal best_rfid
+        metrics, (orig, rec) = train_ae.evaluate(ema, val_set, local_batch, device, args.eval_images, seed=args.seed,
+                                                 inception=inception, workers=args.num_workers)
+        log(dict(step=step, eval=metrics))
+        if rank == 0:  # originals above their reconstructions
+            torchvision.utils.save_image(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5,
+                                         os.path.join(run_dir, "samples", f"{step:08d}.png"), nrow=min(8, len(orig)))
+            if metrics["rfid"] is not None and metrics["rfid"] < best_rfid:
+                ema.save(os.path.join(run_dir, "best.safetensors"), step=step, rfid=metrics["rfid"], teacher=args.teacher)
+        if metrics["rfid"] is not None:
+            best_rfid = min(best_rfid, metrics["rfid"])
+        barrier()
+
+    def save():
+        fingerprints = train_ae.replica_fingerprints(raw)
+        log(dict(step=step, replica_fingerprints=fingerprints.tolist()))
+        if not (fingerprints == fingerprints[0]).all():
+            raise SystemExit(f"error: the ranks' weights differ at step {step}: {fingerprints.tolist()}")
+        if rank == 0:
+            train_ae.save_training_state(state_path, dict(
+                step=step, best_rfid=best_rfid, args=vars(args), model=raw.ssdd.state_dict(), ema=ema.state_dict(),
+                optimizer=optimizer.state_dict(), **({"repa_loss": raw.repa_loss.state_dict()} if raw.repa_loss else {})))
+            ema.save(os.path.join(run_dir, "ema.safetensors"), step=step, teacher=args.teacher)
+        barrier()
+
+    pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    sums, window_steps, window_time = torch.zeros(len(LOSS_TERMS) + 2, device=device), 0, 0.0
+    t0 = time.time()
+    model.train()
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, skip=offset * local_batch)
+        train_set.epoch = epoch
+        for x in loader:
+            x = x.to(device, non_blocking=True)
+            # train_ae's per-sample noise (independent of the number of ranks, repeated on resume); t and the
+            # posterior noise are unused: t is 1 and z the teacher's mean
+            _, noise, _ = train_ae.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world, device)
+            with autocast(device):
+                z, x_T = teacher_targets(teacher, x, noise, args.teacher_steps)
+                with torch.no_grad():
+                    target = dino(train_ae.dinov2_input(x, grid)) if dino is not None else None
+                terms, x0_hat = model(x_T, noise, z, target)
+                if lpips is not None:
+                    terms["lpips"] = lpips(x0_hat, x_T).float().mean()
+            loss = sum(weights[k] * v for k, v in terms.items())
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_ae.GRAD_CLIP)
+            bad = all_reduce((~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float(), dist.ReduceOp.MAX)
+            if bad.item():
+                raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} "
+                                 f"({ {k: v.item() for k, v in terms.items()} }); stopping. The last good checkpoint "
+                                 f"{state_path} is intact: resume from it with a lower --lr.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            train_ae.update_ema(ema, raw.ssdd, optimizer, train_ae.EMA_DECAY if step > args.ema_start else 0.0)
+            sums += torch.stack([loss.detach().float(), grad_norm.float()] +
+                                [terms[k].detach().float() if k in terms else torch.zeros((), device=device)
+                                 for k in LOSS_TERMS])
+            window_steps += 1
+            window_time += time.time() - t0  # bad.item() above synchronised with the GPU
+            pbar.update(1)
+
+            if step % args.log_every == 0 or step == total_steps:
+                avg = (all_reduce(sums) / (window_steps * world)).tolist()
+                record = dict(step=step, epoch=step / steps_per_epoch, loss=avg[0], grad_norm=avg[1],
+                              **{k: v for k, v in zip(LOSS_TERMS, avg[2:]) if weights[k] > 0},
+                              lr=optimizer.param_groups[0]["scheduled_lr"], img_per_s=window_steps * args.batch_size / window_time)
+                if cuda:
+                    record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                log(record)
+                pbar.set_postfix(loss=f"{avg[0]:.4f}", img_s=f"{record['img_per_s']:.1f}")
+                sums.zero_()
+                window_steps, window_time = 0, 0.0
+            if step % args.eval_every == 0 or step == total_steps:
+                run_eval()
+            if step % args.ckpt_every == 0 or step == total_steps:
+                save()
+            t0 = time.time()  # throughput counts distillation steps (teacher sampling included), not eval or checkpoints
+            if step >= total_steps:
+                break
+    pbar.close()
+    if rank == 0:
+        log_file.close()
+        print(f"done: {step} steps, one-step weights in {os.path.join(run_dir, 'ema.safetensors')}")
+
+
+if __name__ == "__main__":
+    main()
