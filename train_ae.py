@@ -448,6 +448,9 @@ class RAdamScheduleFree(torch.optim.Optimizer):
             torch._foreach_sub_(z, grads, alpha=lr)
 
 
+WEIGHT_DECAY, GRAD_CLIP, EMA_DECAY = 1e-3, 0.1, 0.999  # the official recipe's
+
+
 def param_groups(named_params, weight_decay):
     """Weight decay on conv / linear weights and norm scales (every '.weight'), none on biases and
     relative-position bias tables."""
@@ -467,6 +470,46 @@ def update_ema(ema, model, optimizer, decay):
         torch._foreach_copy_(ema_params, x)
     else:
         torch._foreach_lerp_(ema_params, x, 1 - decay)
+
+
+def optimizer_step(loss, terms, params, optimizer, step, state_path):
+    """Backward, clip the global gradient norm to GRAD_CLIP, then step, unless the loss or the gradient is
+    not finite on some rank: then every rank stops (SystemExit) before the weights change, so the last
+    checkpoint stays the last good one. Returns the gradient norm before clipping."""
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+    bad = all_reduce((~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float(), dist.ReduceOp.MAX)
+    if bad.item():
+        raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} "
+                         f"({ {k: v.item() for k, v in terms.items()} }); stopping. The last good checkpoint "
+                         f"{state_path} is intact: resume from it with a lower --lr.")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class LogWindow:
+    """Loss terms, gradient norm and time summed over the steps between two log lines; averages() gives
+    their means over steps and ranks (a collective call) and starts a new window."""
+
+    def __init__(self, names, device):
+        self.names = names  # the loss terms to average; each step must provide them all
+        self.sums = torch.zeros(len(names) + 2, device=device)
+        self.steps, self.seconds = 0, 0.0
+
+    def add(self, loss, grad_norm, terms, seconds):
+        self.sums += torch.stack([loss.detach().float(), grad_norm.float()] + [terms[k].detach().float() for k in self.names])
+        self.steps += 1
+        self.seconds += seconds
+
+    def averages(self, images_per_step):
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        avg = (all_reduce(self.sums) / (self.steps * world)).tolist()
+        out = dict(loss=avg[0], grad_norm=avg[1], **dict(zip(self.names, avg[2:])),
+                   img_per_s=self.steps * images_per_step / self.seconds)
+        self.sums.zero_()
+        self.steps, self.seconds = 0, 0.0
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -595,8 +638,6 @@ def train_flops_per_image(loss_model, lpips, dino, image_shape, latent_shape, gr
 
 # ----------------------------------------------------------------------------------------------------------
 # Training
-
-WEIGHT_DECAY, GRAD_CLIP, EMA_DECAY = 1e-3, 0.1, 0.999
 
 
 def parse_args(argv=None):
@@ -770,7 +811,7 @@ def train(args, rank, world, device):
         barrier()
 
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    sums, window_steps, window_time = torch.zeros(len(LOSS_TERMS) + 2, device=device), 0, 0.0
+    window = LogWindow([k for k in LOSS_TERMS if weights[k] > 0 and (k != "kl" or args.train_encoder)], device)
     t0 = time.time()
     model.train()
     while step < total_steps:
@@ -787,37 +828,21 @@ def train(args, rank, world, device):
                 if lpips is not None:
                     terms["lpips"] = lpips(x0_hat, x).float().mean()
             loss = sum(weights[k] * v for k, v in terms.items())
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, GRAD_CLIP)
-            bad = all_reduce((~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float(), dist.ReduceOp.MAX)
-            if bad.item():
-                raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} "
-                                 f"({ {k: v.item() for k, v in terms.items()} }); stopping. The last good checkpoint "
-                                 f"{state_path} is intact: resume from it with a lower --lr.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(loss, terms, trainable, optimizer, step, state_path)
             step += 1
             update_ema(ema, raw.ssdd, optimizer, EMA_DECAY if step > args.ema_start else 0.0)
-            sums += torch.stack([loss.detach().float(), grad_norm.float()] +
-                                [terms[k].detach().float() if k in terms else torch.zeros((), device=device)
-                                 for k in LOSS_TERMS])
-            window_steps += 1
-            window_time += time.time() - t0  # bad.item() above synchronised with the GPU
+            window.add(loss, grad_norm, terms, time.time() - t0)  # optimizer_step synchronised with the GPU
             pbar.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
-                avg = (all_reduce(sums) / (window_steps * world)).tolist()
-                record = dict(step=step, epoch=step / steps_per_epoch, loss=avg[0], grad_norm=avg[1],
-                              **{k: v for k, v in zip(LOSS_TERMS, avg[2:]) if weights[k] > 0 and (k != "kl" or args.train_encoder)},
-                              lr=optimizer.param_groups[0]["scheduled_lr"], img_per_s=window_steps * args.batch_size / window_time)
+                avg = window.averages(args.batch_size)
+                record = dict(step=step, epoch=step / steps_per_epoch, **avg, lr=optimizer.param_groups[0]["scheduled_lr"])
                 if cuda:
                     record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                     if peak:
                         record["mfu"] = flops * record["img_per_s"] / (world * peak)
                 log(record)
-                pbar.set_postfix(loss=f"{avg[0]:.4f}", img_s=f"{record['img_per_s']:.1f}")
-                sums.zero_()
-                window_steps, window_time = 0, 0.0
+                pbar.set_postfix(loss=f"{avg['loss']:.4f}", img_s=f"{avg['img_per_s']:.1f}")
             if step % args.eval_every == 0 or step == total_steps:
                 run_eval()
             if step % args.ckpt_every == 0 or step == total_steps:
