@@ -407,11 +407,11 @@ class LPIPS(nn.Module):
 # -----------------------------------------------------------------------------
 # image folders and the command line
 
-IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 def image_files(root):
     """Sorted paths of the image files under root, searched recursively."""
-    return sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
                   if f.lower().endswith(IMAGE_EXTENSIONS))
 
 def image_size(path):

@@ -91,19 +91,15 @@ def replica_fingerprints(module):
 # Data. Every random choice of a sample (its scale, crop, flip) comes from a generator seeded by
 # (seed, epoch, index), so a sample is augmented the same way whatever the number of ranks or workers.
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".tif", ".tiff")
-
 
 def find_images(root):
-    """All image files under root, recursively, sorted."""
+    """All image files under root, recursively, sorted; an error when there are none."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder {root!r} does not exist (or is not a folder)")
-    paths = []
-    for folder, _, files in os.walk(root, followlinks=True):
-        paths += [os.path.join(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    paths = fid.image_files(root)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
-    return sorted(paths)
+        raise FileNotFoundError(f"no images ({', '.join(fid.IMAGE_EXTENSIONS)}) found under {root!r}")
+    return paths
 
 
 def train_crop(img, size, aug_scale, rng):
