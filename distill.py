@@ -1,6 +1,7 @@
 """Distill a trained SSDD into a single-step decoder (SPEC section 6), on raw DDP.
 
-    python distill.py --teacher runs/tiny/ema.safetensors --data synthetic --im 64 --batch-size 8 --max-steps 100
+    python distill.py --teacher runs/tiny/ema.safetensors --data synthetic --im 64 --batch-size 8 --max-steps 100 \
+        --lpips-weight 0 --repa-weight 0    # no downloads: runs anywhere
     torchrun --nproc_per_node 8 distill.py --teacher runs/m256/ema.safetensors --data /imagenet --im 256
 
 The teacher (the trained model's EMA weights, frozen) encodes each batch to its latent mean z, draws noise e
@@ -32,7 +33,7 @@ from tqdm import tqdm
 import fid
 import train_ae
 from model import SSDD
-from train_ae import autocast, all_reduce, barrier
+from train_ae import autocast, barrier
 
 LOSS_TERMS = ("fm", "lpips", "repa")  # no KL: the encoder is frozen
 
@@ -222,7 +223,7 @@ def distill(args, rank, world, device):
         barrier()
 
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    sums, window_steps, window_time = torch.zeros(len(LOSS_TERMS) + 2, device=device), 0, 0.0
+    window = train_ae.LogWindow([k for k in LOSS_TERMS if weights[k] > 0], device)
     t0 = time.time()
     model.train()
     while step < total_steps:
@@ -242,35 +243,19 @@ def distill(args, rank, world, device):
                 if lpips is not None:
                     terms["lpips"] = lpips(x0_hat, x_T).float().mean()
             loss = sum(weights[k] * v for k, v in terms.items())
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train_ae.GRAD_CLIP)
-            bad = all_reduce((~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float(), dist.ReduceOp.MAX)
-            if bad.item():
-                raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} "
-                                 f"({ {k: v.item() for k, v in terms.items()} }); stopping. The last good checkpoint "
-                                 f"{state_path} is intact: resume from it with a lower --lr.")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = train_ae.optimizer_step(loss, terms, trainable, optimizer, step, state_path)
             step += 1
             train_ae.update_ema(ema, raw.ssdd, optimizer, train_ae.EMA_DECAY if step > args.ema_start else 0.0)
-            sums += torch.stack([loss.detach().float(), grad_norm.float()] +
-                                [terms[k].detach().float() if k in terms else torch.zeros((), device=device)
-                                 for k in LOSS_TERMS])
-            window_steps += 1
-            window_time += time.time() - t0  # bad.item() above synchronised with the GPU
+            window.add(loss, grad_norm, terms, time.time() - t0)  # optimizer_step synchronised with the GPU
             pbar.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
-                avg = (all_reduce(sums) / (window_steps * world)).tolist()
-                record = dict(step=step, epoch=step / steps_per_epoch, loss=avg[0], grad_norm=avg[1],
-                              **{k: v for k, v in zip(LOSS_TERMS, avg[2:]) if weights[k] > 0},
-                              lr=optimizer.param_groups[0]["scheduled_lr"], img_per_s=window_steps * args.batch_size / window_time)
+                avg = window.averages(args.batch_size)
+                record = dict(step=step, epoch=step / steps_per_epoch, **avg, lr=optimizer.param_groups[0]["scheduled_lr"])
                 if cuda:
                     record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log(record)
-                pbar.set_postfix(loss=f"{avg[0]:.4f}", img_s=f"{record['img_per_s']:.1f}")
-                sums.zero_()
-                window_steps, window_time = 0, 0.0
+                pbar.set_postfix(loss=f"{avg['loss']:.4f}", img_s=f"{avg['img_per_s']:.1f}")
             if step % args.eval_every == 0 or step == total_steps:
                 run_eval()
             if step % args.ckpt_every == 0 or step == total_steps:
