@@ -16,11 +16,9 @@ in one step by default.
 """
 import argparse
 import copy
-import datetime
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -30,7 +28,6 @@ import torchvision.utils
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import fid
 import train_ae
 from model import SSDD
 from train_ae import autocast, barrier
@@ -114,16 +111,7 @@ def distill(args, rank, world, device):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # run directory: rank 0 names it, every rank uses it; an existing state.pt means resume
-    run_dir = [args.run_dir or os.path.join("runs", "distill-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))]
-    if dist.is_initialized():
-        dist.broadcast_object_list(run_dir, src=0)
-    run_dir = run_dir[0]
-    state_path = os.path.join(run_dir, "state.pt")
-    if rank == 0:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    barrier()
-    state = train_ae.load_training_state(state_path) if os.path.exists(state_path) else None
+    run_dir, state_path, state = train_ae.open_run_dir(args.run_dir, "distill-", rank)
 
     train_set, val_set = train_ae.build_datasets(args.data, args.im, args.aug_scale, args.limit, args.seed)
     if len(train_set) < args.batch_size:
@@ -146,30 +134,12 @@ def distill(args, rank, world, device):
     optimizer = train_ae.RAdamScheduleFree(train_ae.param_groups(raw.named_parameters(), train_ae.WEIGHT_DECAY), lr=args.lr)
     step, best_rfid = 0, math.inf
     if state is not None:
-        raw.ssdd.load_state_dict(state["model"])
-        if raw.repa_loss is not None:
-            raw.repa_loss.load_state_dict(state["repa_loss"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best_rfid = state["step"], state["best_rfid"]
-        changed = {k: (state["args"].get(k), v) for k, v in vars(args).items() if state["args"].get(k) != v}
-        if rank == 0:
-            print(f"resuming {run_dir} at step {step}" + (f"; arguments changed (was, now): {changed}" if changed else ""))
+        step, best_rfid = train_ae.restore_training_state(state, raw, ema, optimizer, args, run_dir, rank)
         del state
     optimizer.train()
     weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight)
 
-    # frozen networks of the losses, loaded only when their weight is nonzero
-    lpips = fid.LPIPS(net="vgg").to(device).eval().requires_grad_(False) if args.lpips_weight > 0 else None
-    dino = train_ae.load_dinov2(args.dinov2_weights, device) if args.repa_weight > 0 else None
-    try:  # weights given explicitly must load; the default download may fail offline, and rFID is then skipped
-        inception = fid.load_inception(args.fid_weights, device=device)
-    except RuntimeError as e:
-        if args.fid_weights:
-            raise
-        inception = None
-        if rank == 0:
-            print(f"rFID unavailable ({e}); evaluating PSNR and SSIM only", file=sys.stderr)
+    lpips, dino, inception = train_ae.loss_networks(args, device, rank)
 
     image_shape = (3, args.im, args.im)
     latent_shape = (student.decoder.z_channels, args.im // student.factor, args.im // student.factor)

@@ -684,6 +684,51 @@ def main(argv=None):
         cleanup_distributed()
 
 
+def open_run_dir(run_dir, prefix, rank):
+    """Rank 0 names the run directory (default runs/<prefix><date-time>), every rank uses it. Returns
+    (run_dir, path of state.pt, the saved training state or None): an existing state.pt means resume."""
+    run_dir = [run_dir or os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(run_dir, src=0)
+    run_dir = run_dir[0]
+    state_path = os.path.join(run_dir, "state.pt")
+    if rank == 0:
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+    barrier()
+    return run_dir, state_path, load_training_state(state_path) if os.path.exists(state_path) else None
+
+
+def restore_training_state(state, loss_model, ema, optimizer, args, run_dir, rank):
+    """Load a saved state into the loss module (model and REPA head), the EMA and the optimizer; returns
+    (step, best rFID) and says which arguments changed since the state was saved."""
+    loss_model.ssdd.load_state_dict(state["model"])
+    if loss_model.repa_loss is not None:
+        loss_model.repa_loss.load_state_dict(state["repa_loss"])
+    ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    changed = {k: (state["args"].get(k), v) for k, v in vars(args).items() if state["args"].get(k) != v}
+    if rank == 0:
+        print(f"resuming {run_dir} at step {state['step']}" + (f"; arguments changed (was, now): {changed}" if changed else ""))
+    return state["step"], state["best_rfid"]
+
+
+def loss_networks(args, device, rank):
+    """The frozen networks of the losses, loaded only when their weight is nonzero (else None), and the FID
+    Inception: weights given explicitly must load; the default download may fail offline, and rFID is then
+    skipped (None)."""
+    lpips = fid.LPIPS(net="vgg").to(device).eval().requires_grad_(False) if args.lpips_weight > 0 else None
+    dino = load_dinov2(args.dinov2_weights, device) if args.repa_weight > 0 else None
+    try:
+        inception = fid.load_inception(args.fid_weights, device=device)
+    except RuntimeError as e:
+        if args.fid_weights:
+            raise
+        inception = None
+        if rank == 0:
+            print(f"rFID unavailable ({e}); evaluating PSNR and SSIM only", file=sys.stderr)
+    return lpips, dino, inception
+
+
 def train(args, rank, world, device):
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
@@ -695,16 +740,7 @@ def train(args, rank, world, device):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # run directory: rank 0 names it, every rank uses it; an existing state.pt means resume
-    run_dir = [args.run_dir or os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))]
-    if dist.is_initialized():
-        dist.broadcast_object_list(run_dir, src=0)
-    run_dir = run_dir[0]
-    state_path = os.path.join(run_dir, "state.pt")
-    if rank == 0:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    barrier()
-    state = load_training_state(state_path) if os.path.exists(state_path) else None
+    run_dir, state_path, state = open_run_dir(args.run_dir, "", rank)
 
     train_set, val_set = build_datasets(args.data, args.im, args.aug_scale, args.limit, args.seed)
     if len(train_set) < args.batch_size:
@@ -726,30 +762,12 @@ def train(args, rank, world, device):
     optimizer = RAdamScheduleFree(param_groups(raw.named_parameters(), WEIGHT_DECAY), lr=args.lr)
     step, best_rfid = 0, math.inf
     if state is not None:
-        raw.ssdd.load_state_dict(state["model"])
-        if raw.repa_loss is not None:
-            raw.repa_loss.load_state_dict(state["repa_loss"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best_rfid = state["step"], state["best_rfid"]
-        changed = {k: (state["args"].get(k), v) for k, v in vars(args).items() if state["args"].get(k) != v}
-        if rank == 0:
-            print(f"resuming {run_dir} at step {step}" + (f"; arguments changed (was, now): {changed}" if changed else ""))
+        step, best_rfid = restore_training_state(state, raw, ema, optimizer, args, run_dir, rank)
         del state
     optimizer.train()
     weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight)
 
-    # frozen networks of the losses, loaded only when their weight is nonzero
-    lpips = fid.LPIPS(net="vgg").to(device).eval().requires_grad_(False) if args.lpips_weight > 0 else None
-    dino = load_dinov2(args.dinov2_weights, device) if args.repa_weight > 0 else None
-    try:  # weights given explicitly must load; the default download may fail offline, and rFID is then skipped
-        inception = fid.load_inception(args.fid_weights, device=device)
-    except RuntimeError as e:
-        if args.fid_weights:
-            raise
-        inception = None
-        if rank == 0:
-            print(f"rFID unavailable ({e}); evaluating PSNR and SSIM only", file=sys.stderr)
+    lpips, dino, inception = loss_networks(args, device, rank)
 
     image_shape = (3, args.im, args.im)
     latent_shape = (ssdd.decoder.z_channels, args.im // ssdd.factor, args.im // ssdd.factor)
