@@ -181,16 +181,7 @@ def distill(args, rank, world, device):
         barrier()
 
     def save():
-        fingerprints = train_ae.replica_fingerprints(raw)
-        log(dict(step=step, replica_fingerprints=fingerprints.tolist()))
-        if not (fingerprints == fingerprints[0]).all():
-            raise SystemExit(f"error: the ranks' weights differ at step {step}: {fingerprints.tolist()}")
-        if rank == 0:
-            train_ae.save_training_state(state_path, dict(
-                step=step, best_rfid=best_rfid, args=vars(args), model=raw.ssdd.state_dict(), ema=ema.state_dict(),
-                optimizer=optimizer.state_dict(), **({"repa_loss": raw.repa_loss.state_dict()} if raw.repa_loss else {})))
-            ema.save(os.path.join(run_dir, "ema.safetensors"), step=step, teacher=args.teacher)
-        barrier()
+        train_ae.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, teacher=args.teacher)
 
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     window = train_ae.LogWindow([k for k in LOSS_TERMS if weights[k] > 0], device)

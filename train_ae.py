@@ -712,6 +712,22 @@ def restore_training_state(state, loss_model, ema, optimizer, args, run_dir, ran
     return state["step"], state["best_rfid"]
 
 
+def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, rank, log, **metadata):
+    """The counterpart of restore_training_state (a collective call): check that every rank holds the same
+    weights, then rank 0 writes state.pt and the EMA weights as ema.safetensors (with metadata), atomically."""
+    fingerprints = replica_fingerprints(loss_model)
+    log(dict(step=step, replica_fingerprints=fingerprints.tolist()))
+    if not (fingerprints == fingerprints[0]).all():
+        raise SystemExit(f"error: the ranks' weights differ at step {step}: {fingerprints.tolist()}")
+    if rank == 0:
+        repa = {"repa_loss": loss_model.repa_loss.state_dict()} if loss_model.repa_loss else {}
+        save_training_state(os.path.join(run_dir, "state.pt"), dict(
+            step=step, best_rfid=best_rfid, args=vars(args), model=loss_model.ssdd.state_dict(), ema=ema.state_dict(),
+            optimizer=optimizer.state_dict(), **repa))
+        ema.save(os.path.join(run_dir, "ema.safetensors"), step=step, **metadata)
+    barrier()
+
+
 def loss_networks(args, device, rank):
     """The frozen networks of the losses, loaded only when their weight is nonzero (else None), and the FID
     Inception: weights given explicitly must load; the default download may fail offline, and rFID is then
@@ -813,16 +829,7 @@ def train(args, rank, world, device):
         barrier()
 
     def save():
-        fingerprints = replica_fingerprints(raw)
-        log(dict(step=step, replica_fingerprints=fingerprints.tolist()))
-        if not (fingerprints == fingerprints[0]).all():
-            raise SystemExit(f"error: the ranks' weights differ at step {step}: {fingerprints.tolist()}")
-        if rank == 0:
-            save_training_state(state_path, dict(
-                step=step, best_rfid=best_rfid, args=vars(args), model=raw.ssdd.state_dict(), ema=ema.state_dict(),
-                optimizer=optimizer.state_dict(), **({"repa_loss": raw.repa_loss.state_dict()} if raw.repa_loss else {})))
-            ema.save(os.path.join(run_dir, "ema.safetensors"), step=step)
-        barrier()
+        save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log)
 
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     window = LogWindow([k for k in LOSS_TERMS if weights[k] > 0 and (k != "kl" or args.train_encoder)], device)
