@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements of BENCHMARKS.md in one run: one-step decode/encode throughput of the M decoder at
-# 256 px (eager, compiled, compiled channels-last), then full-recipe training of M at 256 px, batch 32
-# (LPIPS-VGG and REPA on, compiled, bf16, torchrun). Needs no download: the networks of the losses and of
+# The GPU measurements of BENCHMARKS.md in one run: full-recipe training of M at 256 px, batch 32 (LPIPS-VGG
+# and REPA on, compiled, bf16, torchrun), then one-step decode/encode throughput of the M decoder at 256 px,
+# compiled (with a kernel profile) and eager. Needs no download: the networks of the losses and of
 # FID get random stand-in weights in the torch hub cache, under the names the code looks for. Their compute
 # is the real one; the losses they give mean nothing.
 #   usage: bash bench_gpu.sh [LOGDIR]
@@ -26,11 +26,9 @@ torch.save(fid.InceptionV3().state_dict(), os.path.join(d, os.path.basename(fid.
 SSDD("f8c4", "S").save("/tmp/encoder.safetensors")  # stand-in for the frozen shared encoder of stage 1
 PY
 
-for variant in "" "--compile" "--compile --channels-last"; do
-    python3 model.py --size M --im 256 --batch 64 --steps 1 --iters 20 $variant | tee -a "$log/decode.txt"
-done
 torchrun --standalone --nproc_per_node 1 train_ae.py --data synthetic --limit 4000 --num-workers 14 --size M \
-    --encoder-ckpt /tmp/encoder.safetensors --im 256 --batch-size 32 --max-steps 100 --log-every 20 \
+    --encoder-ckpt /tmp/encoder.safetensors --im 256 --batch-size 32 --max-steps 60 --log-every 20 \
     --eval-every 1000000 --eval-images 64 --ckpt-every 1000000 --run-dir /tmp/bench_m256 > "$log/train_m256.out" 2>&1
 cp /tmp/bench_m256/log.jsonl "$log/train_m256.jsonl" && cut -c1-300 "$log/train_m256.jsonl"
-python3 model.py --size M --im 256 --batch 64 --steps 1 --compile --profile > "$log/decode_profile.txt"
+python3 model.py --size M --im 256 --batch 64 --steps 1 --iters 20 --compile --profile | tee "$log/decode_compiled.txt" | tail -1
+python3 model.py --size M --im 256 --batch 64 --steps 1 --iters 10 | tee "$log/decode_eager.txt"

@@ -209,10 +209,12 @@ class RelativePositionBias(nn.Module):
         self.relative_bias_table = nn.Parameter(torch.zeros(2 * WINDOW - 1, 2 * WINDOW - 1, heads))
 
     def forward(self, index):
-        """(heads, N, N) additive bias, -inf outside the window; rebuilt from the table on every call."""
-        table = self.relative_bias_table.flatten(0, 1)
-        table = torch.cat([table, table.new_full((1, table.shape[1]), float("-inf"))])
-        return table[index].permute(2, 0, 1)
+        """(heads, N, N) additive bias, -inf outside the window; rebuilt from the table on every call.
+        Contiguous on purpose: SDPA's fused kernels need a unit stride in the last dimension and fall
+        back to the slow float32 math path for a permuted view."""
+        table = self.relative_bias_table.flatten(0, 1).t()
+        table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], dim=1)
+        return table[:, index]
 
 
 class Attention(nn.Module):

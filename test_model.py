@@ -115,6 +115,30 @@ def test_window_attention_matches_dense_mask(side):
         assert rel_err(a.double(), b) < 1e-5
 
 
+def test_attention_bias_suits_fused_sdpa_kernels():
+    """A permuted bias view sends SDPA to its float32 math path (measured on an H200: 3x the attention time,
+    N x N probabilities kept for backward); the bias must be contiguous. With CUDA, the memory-efficient
+    kernel must accept it, forward and backward, and agree with the math path."""
+    block = model.TransformerBlock(64, 4, 16)
+    bias = block.relative_position_bias(model.window_index(8, 8, "cpu"))
+    assert bias.shape == (4, 64, 64) and bias.is_contiguous()
+    if not torch.cuda.is_available():
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    block = block.cuda()
+    torch.nn.init.normal_(block.relative_position_bias.relative_bias_table)
+    x = torch.randn(2, 256, 64, device="cuda")
+    outs = []
+    for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        with sdpa_kernel(backend), torch.autocast("cuda", torch.bfloat16):
+            out = block.attn1(x, block.relative_position_bias(model.window_index(16, 16, "cuda")))
+        out.float().square().sum().backward()
+        outs.append((out.float(), block.relative_position_bias.relative_bias_table.grad.clone()))
+        block.zero_grad()
+    (a, ga), (b, gb) = outs
+    assert rel_err(a, b) < 2e-2 and rel_err(ga, gb) < 5e-2
+
+
 def test_relative_bias_is_read_on_every_call():
     block = model.TransformerBlock(64, 4, 16)
     x = torch.randn(1, 64, 64)

@@ -753,6 +753,9 @@ def train(args, rank, world, device):
     local_batch = args.batch_size // world
     cuda = device.type == "cuda"
     compile_model = cuda if args.compile is None else args.compile
+    # cuDNN runs convolutions in NHWC; NCHW weights make the backward pass convert activations back and
+    # forth (18% of the M decoder's compiled training step on an H200)
+    layout = torch.channels_last if cuda else torch.contiguous_format
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -773,7 +776,7 @@ def train(args, rank, world, device):
     if state is None and args.encoder_ckpt:
         ssdd.encoder.load_state_dict(SSDD.from_checkpoint(args.encoder_ckpt).encoder.state_dict())
     ssdd.encoder.requires_grad_(args.train_encoder)
-    raw = AutoencoderLoss(ssdd, args.train_encoder, repa=args.repa_weight > 0).to(device)
+    raw = AutoencoderLoss(ssdd, args.train_encoder, repa=args.repa_weight > 0).to(device, memory_format=layout)
     ema = copy.deepcopy(ssdd).eval().requires_grad_(False)
     optimizer = RAdamScheduleFree(param_groups(raw.named_parameters(), WEIGHT_DECAY), lr=args.lr)
     step, best_rfid = 0, math.inf
@@ -784,6 +787,7 @@ def train(args, rank, world, device):
     weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight)
 
     lpips, dino, inception = loss_networks(args, device, rank)
+    lpips = lpips.to(memory_format=layout) if lpips is not None else None
 
     image_shape = (3, args.im, args.im)
     latent_shape = (ssdd.decoder.z_channels, args.im // ssdd.factor, args.im // ssdd.factor)
@@ -840,7 +844,7 @@ def train(args, rank, world, device):
         sampler.set_epoch(epoch, skip=offset * local_batch)
         train_set.epoch = epoch
         for x in loader:
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True, memory_format=layout)
             t, noise, z_noise = step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world, device)
             with autocast(device):
                 with torch.no_grad():
