@@ -8,10 +8,10 @@ Stages of the recipe: 0) encoder + M decoder jointly (--train-encoder, --lr 1e-4
 128 px on the frozen shared encoder (--encoder-ckpt), --aug-scale 2, 300 epochs; 2) finetune at 128/256/512
 (--init, --lr 1e-4, 200 epochs). The loss is
     L = MSE(v_hat, x - e) + 0.5 LPIPS_vgg(x0_hat, x) + 0.25 REPA + 1e-6 KL (KL only when the encoder trains),
-optimised by schedule-free RAdam with an EMA of its averaged weights. A run directory holds state.pt (the
-full training state; rerunning with the same --run-dir resumes exactly), ema.safetensors (EMA weights in
-the official layout, for SSDD.from_checkpoint), best.safetensors (lowest validation rFID), log.jsonl and
-PNG grids of reconstructions. The helpers here (data, DDP, REPA, optimizer, checkpoints, eval) are
+optimised by schedule-free RAdam with an EMA of its averaged weights; --gan adds the paper's PatchGAN
+ablation. A run directory holds state.pt (the full training state; rerunning with the same --run-dir
+resumes exactly), ema.safetensors (EMA weights in the official layout, for SSDD.from_checkpoint),
+best.safetensors (lowest validation rFID), log.jsonl and PNG grids of reconstructions. The helpers here (data, DDP, REPA, optimizer, checkpoints, eval) are
 imported by the other scripts of the repo.
 """
 import argparse
@@ -362,6 +362,38 @@ class REPALoss(nn.Module):
         return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
 
 
+class PatchDiscriminator(nn.Module):
+    """The optional GAN critic (--gan; an ablation of the paper, off in the recipe). SPEC 5 gives a PatchGAN
+    conditioned on (x_t, t) with BCE losses; the layers here are pix2pix's (4x4 convolutions, 64-128-256-512
+    channels, LeakyReLU 0.2, one logit per 70x70 patch), with GroupNorm instead of BatchNorm so that a
+    sample's logits depend neither on the rest of the batch nor on its split over ranks. Input: the clean or
+    reconstructed image, the noisy x_t it came from and a constant map of t."""
+
+    def __init__(self, ch=64):
+        super().__init__()
+        layers = [nn.Conv2d(3 + 3 + 1, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
+        for cin, cout, stride in ((ch, 2 * ch, 2), (2 * ch, 4 * ch, 2), (4 * ch, 8 * ch, 1)):
+            layers += [nn.Conv2d(cin, cout, 4, stride, 1, bias=False), nn.GroupNorm(32, cout), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(8 * ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, image, x_t, t):
+        t_map = t.view(-1, 1, 1, 1).expand(-1, 1, *image.shape[-2:])
+        return self.net(torch.cat([image, x_t.to(image.dtype), t_map.to(image.dtype)], dim=1))
+
+
+def gan_losses(logits_fake, logits_real=None):
+    """Non-saturating BCE: with only fake logits, the generator's loss (fakes labelled real); with both,
+    the discriminator's (mean of the real and the fake term)."""
+    if logits_real is None:
+        return F.binary_cross_entropy_with_logits(logits_fake.float(), torch.ones_like(logits_fake.float()))
+    return 0.5 * (F.binary_cross_entropy_with_logits(logits_real.float(), torch.ones_like(logits_real.float()))
+                  + F.binary_cross_entropy_with_logits(logits_fake.float(), torch.zeros_like(logits_fake.float())))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Schedule-free RAdam (Defazio et al., "The Road Less Scheduled", 2024), written from the algorithm of the
 # `schedulefree` package's RAdamScheduleFree with its defaults (the first steps, where RAdam's variance
@@ -511,7 +543,7 @@ class LogWindow:
 # ----------------------------------------------------------------------------------------------------------
 # The training objective
 
-LOSS_TERMS = ("fm", "lpips", "repa", "kl")  # flow matching, LPIPS-VGG on x0_hat, REPA, KL
+LOSS_TERMS = ("fm", "lpips", "repa", "kl", "gan")  # flow matching, LPIPS-VGG on x0_hat, REPA, KL, GAN
 
 
 class AutoencoderLoss(nn.Module):
@@ -657,6 +689,9 @@ def parse_args(argv=None):
     p.add_argument("--lpips-weight", type=float, default=0.5)
     p.add_argument("--repa-weight", type=float, default=0.25)
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--gan", action="store_true", help="add the PatchGAN loss (an ablation, off in the recipe)")
+    p.add_argument("--gan-weight", type=float, default=0.5, help="weight of the generator's GAN loss")
+    p.add_argument("--gan-start", type=int, default=50_000, help="GAN losses from this step on")
     p.add_argument("--ema-start", type=int, default=50_000, help="EMA 0.999 from this step, a copy before")
     p.add_argument("--eval-every", type=int, default=10_000)
     p.add_argument("--eval-images", type=int, default=5_000, help="validation subset used by the periodic eval")
@@ -712,9 +747,10 @@ def restore_training_state(state, loss_model, ema, optimizer, args, run_dir, ran
     return state["step"], state["best_rfid"]
 
 
-def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, rank, log, **metadata):
+def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, rank, log, extra_state=None, **metadata):
     """The counterpart of restore_training_state (a collective call): check that every rank holds the same
-    weights, then rank 0 writes state.pt and the EMA weights as ema.safetensors (with metadata), atomically."""
+    weights, then rank 0 writes state.pt (with extra_state, a dict of state dicts, merged in) and the EMA
+    weights as ema.safetensors (with metadata), atomically."""
     fingerprints = replica_fingerprints(loss_model)
     log(dict(step=step, replica_fingerprints=fingerprints.tolist()))
     if not (fingerprints == fingerprints[0]).all():
@@ -723,7 +759,7 @@ def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, 
         repa = {"repa_loss": loss_model.repa_loss.state_dict()} if loss_model.repa_loss else {}
         save_training_state(os.path.join(run_dir, "state.pt"), dict(
             step=step, best_rfid=best_rfid, args=vars(args), model=loss_model.ssdd.state_dict(), ema=ema.state_dict(),
-            optimizer=optimizer.state_dict(), **repa))
+            optimizer=optimizer.state_dict(), **repa, **(extra_state or {})))
         ema.save(os.path.join(run_dir, "ema.safetensors"), step=step, **metadata)
     barrier()
 
@@ -779,12 +815,20 @@ def train(args, rank, world, device):
     raw = AutoencoderLoss(ssdd, args.train_encoder, repa=args.repa_weight > 0).to(device, memory_format=layout)
     ema = copy.deepcopy(ssdd).eval().requires_grad_(False)
     optimizer = RAdamScheduleFree(param_groups(raw.named_parameters(), WEIGHT_DECAY), lr=args.lr)
+    disc = disc_optimizer = None
+    if args.gan:  # Adam with betas (0.5, 0.9), the usual choice for such critics (the SPEC names none)
+        disc = PatchDiscriminator().to(device, memory_format=layout)
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     step, best_rfid = 0, math.inf
     if state is not None:
         step, best_rfid = restore_training_state(state, raw, ema, optimizer, args, run_dir, rank)
+        if disc is not None and "disc" in state:
+            disc.load_state_dict(state["disc"])
+            disc_optimizer.load_state_dict(state["disc_optimizer"])
         del state
     optimizer.train()
-    weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight)
+    weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight,
+                   gan=args.gan_weight if args.gan else 0.0)
 
     lpips, dino, inception = loss_networks(args, device, rank)
     lpips = lpips.to(memory_format=layout) if lpips is not None else None
@@ -801,8 +845,10 @@ def train(args, rank, world, device):
         model = torch.compile(model)
         lpips = torch.compile(lpips) if lpips is not None else None
         dino = torch.compile(dino) if dino is not None else None
+    disc_model = disc  # not compiled: its parameters are frozen and unfrozen every step (see the loop)
     if dist.is_initialized():
         model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+        disc_model = DDP(disc, device_ids=[device.index] if cuda else None) if disc is not None else None
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
     if rank == 0:
@@ -833,10 +879,12 @@ def train(args, rank, world, device):
         barrier()
 
     def save():
-        save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log)
+        extra = dict(disc=disc.state_dict(), disc_optimizer=disc_optimizer.state_dict()) if disc is not None else None
+        save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, extra_state=extra)
 
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    window = LogWindow([k for k in LOSS_TERMS if weights[k] > 0 and (k != "kl" or args.train_encoder)], device)
+    window = LogWindow([k for k in LOSS_TERMS if weights[k] > 0 and (k != "kl" or args.train_encoder)]
+                       + (["disc"] if args.gan else []), device)
     t0 = time.time()
     model.train()
     while step < total_steps:
@@ -852,8 +900,24 @@ def train(args, rank, world, device):
                 terms, x0_hat = model(x, t, noise, z_noise, target)
                 if lpips is not None:
                     terms["lpips"] = lpips(x0_hat, x).float().mean()
+                gan_on = disc is not None and step >= args.gan_start
+                if gan_on:  # the generator's term: gradients reach x0_hat through the critic, not its weights
+                    x_t = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+                    disc.requires_grad_(False)
+                    terms["gan"] = gan_losses(disc(x0_hat, x_t, t))
+                    disc.requires_grad_(True)
+                elif disc is not None:
+                    terms["gan"] = torch.zeros((), device=device)
             loss = sum(weights[k] * v for k, v in terms.items())
             grad_norm = optimizer_step(loss, terms, trainable, optimizer, step, state_path)
+            if gan_on:  # the critic's step, real and reconstructed images in one batch (one DDP forward)
+                with autocast(device):
+                    logits = disc_model(torch.cat([x, x0_hat.detach()]), x_t.repeat(2, 1, 1, 1), t.repeat(2))
+                    real, fake = logits.chunk(2)
+                    terms["disc"] = gan_losses(fake, real)
+                optimizer_step(terms["disc"], dict(disc=terms["disc"]), list(disc.parameters()), disc_optimizer, step, state_path)
+            elif disc is not None:
+                terms["disc"] = torch.zeros((), device=device)
             step += 1
             update_ema(ema, raw.ssdd, optimizer, EMA_DECAY if step > args.ema_start else 0.0)
             window.add(loss, grad_norm, terms, time.time() - t0)  # optimizer_step synchronised with the GPU
