@@ -24,13 +24,12 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torchvision.utils
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import train_ae
 from model import SSDD
-from train_ae import autocast, barrier
+from train_ae import autocast
 
 LOSS_TERMS = ("fm", "lpips", "repa")  # no KL: the encoder is frozen
 
@@ -161,29 +160,7 @@ def distill(args, rank, world, device):
             json.dump(vars(args), f, indent=1)
         print(f"distilling {args.teacher} ({args.teacher_steps} steps) into one step: {len(train_set)} training / "
               f"{len(val_set)} validation images, {steps_per_epoch} steps per epoch, {total_steps} steps, run dir {run_dir}")
-    log_file = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
-
-    def log(record):
-        if rank == 0:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def run_eval():  # the EMA student, in one step (its default)
-        nonlocal best_rfid
-        metrics, (orig, rec) = train_ae.evaluate(ema, val_set, local_batch, device, args.eval_images, seed=args.seed,
-                                                 inception=inception, workers=args.num_workers)
-        log(dict(step=step, eval=metrics))
-        if rank == 0:  # originals above their reconstructions
-            torchvision.utils.save_image(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5,
-                                         os.path.join(run_dir, "samples", f"{step:08d}.png"), nrow=min(8, len(orig)))
-            if metrics["rfid"] is not None and metrics["rfid"] < best_rfid:
-                ema.save(os.path.join(run_dir, "best.safetensors"), step=step, rfid=metrics["rfid"], teacher=args.teacher)
-        if metrics["rfid"] is not None:
-            best_rfid = min(best_rfid, metrics["rfid"])
-        barrier()
-
-    def save():
-        train_ae.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, teacher=args.teacher)
+    log = train_ae.RunLog(run_dir, rank)
 
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     window = train_ae.LogWindow([k for k in LOSS_TERMS if weights[k] > 0], device)
@@ -213,22 +190,20 @@ def distill(args, rank, world, device):
             pbar.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
-                avg = window.averages(args.batch_size)
-                record = dict(step=step, epoch=step / steps_per_epoch, **avg, lr=optimizer.param_groups[0]["scheduled_lr"])
-                if cuda:
-                    record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                record = window.record(step, steps_per_epoch, optimizer.param_groups[0]["scheduled_lr"], args.batch_size)
                 log(record)
-                pbar.set_postfix(loss=f"{avg['loss']:.4f}", img_s=f"{avg['img_per_s']:.1f}")
-            if step % args.eval_every == 0 or step == total_steps:
-                run_eval()
+                pbar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+            if step % args.eval_every == 0 or step == total_steps:  # the EMA student, in one step (its default)
+                best_rfid = train_ae.validate(ema, val_set, args, local_batch, device, inception, run_dir, step,
+                                              best_rfid, rank, log, teacher=args.teacher)
             if step % args.ckpt_every == 0 or step == total_steps:
-                save()
+                train_ae.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, teacher=args.teacher)
             t0 = time.time()  # throughput counts distillation steps (teacher sampling included), not eval or checkpoints
             if step >= total_steps:
                 break
     pbar.close()
+    log.close()
     if rank == 0:
-        log_file.close()
         print(f"done: {step} steps, one-step weights in {os.path.join(run_dir, 'ema.safetensors')}")
 
 

@@ -517,11 +517,12 @@ def optimizer_step(loss, terms, params, optimizer, step, state_path):
 
 
 class LogWindow:
-    """Loss terms, gradient norm and time summed over the steps between two log lines; averages() gives
-    their means over steps and ranks (a collective call) and starts a new window."""
+    """Loss terms, gradient norm and time summed over the steps between two log lines; record() gives the
+    log line (their means over steps and ranks: a collective call) and starts a new window."""
 
     def __init__(self, names, device):
         self.names = names  # the loss terms to average; each step must provide them all
+        self.device = device
         self.sums = torch.zeros(len(names) + 2, device=device)
         self.steps, self.seconds = 0, 0.0
 
@@ -530,11 +531,13 @@ class LogWindow:
         self.steps += 1
         self.seconds += seconds
 
-    def averages(self, images_per_step):
+    def record(self, step, steps_per_epoch, lr, images_per_step):
         world = dist.get_world_size() if dist.is_initialized() else 1
         avg = (all_reduce(self.sums) / (self.steps * world)).tolist()
-        out = dict(loss=avg[0], grad_norm=avg[1], **dict(zip(self.names, avg[2:])),
-                   img_per_s=self.steps * images_per_step / self.seconds)
+        out = dict(step=step, epoch=step / steps_per_epoch, loss=avg[0], grad_norm=avg[1],
+                   **dict(zip(self.names, avg[2:])), img_per_s=self.steps * images_per_step / self.seconds, lr=lr)
+        if self.device.type == "cuda":
+            out["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.sums.zero_()
         self.steps, self.seconds = 0, 0.0
         return out
@@ -764,6 +767,39 @@ def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, 
     barrier()
 
 
+class RunLog:
+    """The run's log.jsonl, one JSON record per line, written by rank 0 (on other ranks a call does nothing)."""
+
+    def __init__(self, run_dir, rank):
+        self.file = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
+
+    def __call__(self, record):
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+
+
+def validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid, rank, log, **metadata):
+    """The periodic validation of the EMA model (a collective call): log its metrics, save a grid of
+    originals above reconstructions, keep its weights as best.safetensors (with metadata) when its rFID is
+    the lowest so far. Returns the best rFID."""
+    metrics, (orig, rec) = evaluate(ema, val_set, local_batch, device, args.eval_images, seed=args.seed,
+                                    inception=inception, workers=args.num_workers)
+    log(dict(step=step, eval=metrics))
+    rfid = metrics["rfid"]
+    if rank == 0:
+        torchvision.utils.save_image(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5,
+                                     os.path.join(run_dir, "samples", f"{step:08d}.png"), nrow=min(8, len(orig)))
+        if rfid is not None and rfid < best_rfid:
+            ema.save(os.path.join(run_dir, "best.safetensors"), step=step, rfid=rfid, **metadata)
+    barrier()
+    return best_rfid if rfid is None else min(best_rfid, rfid)
+
+
 def loss_networks(args, device, rank):
     """The frozen networks of the losses, loaded only when their weight is nonzero (else None), and the FID
     Inception: weights given explicitly must load; the default download may fail offline, and rFID is then
@@ -857,30 +893,7 @@ def train(args, rank, world, device):
         n_params = sum(p.numel() for p in ssdd.parameters())
         print(f"{n_params / 2**20:.1f}M parameters, {len(train_set)} training / {len(val_set)} validation images, "
               f"{steps_per_epoch} steps per epoch, {total_steps} steps, run dir {run_dir}")
-    log_file = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
-
-    def log(record):
-        if rank == 0:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    def run_eval():
-        nonlocal best_rfid
-        metrics, (orig, rec) = evaluate(ema, val_set, local_batch, device, args.eval_images, seed=args.seed,
-                                        inception=inception, workers=args.num_workers)
-        log(dict(step=step, eval=metrics))
-        if rank == 0:  # originals above their reconstructions
-            torchvision.utils.save_image(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5,
-                                         os.path.join(run_dir, "samples", f"{step:08d}.png"), nrow=min(8, len(orig)))
-            if metrics["rfid"] is not None and metrics["rfid"] < best_rfid:
-                ema.save(os.path.join(run_dir, "best.safetensors"), step=step, rfid=metrics["rfid"])
-        if metrics["rfid"] is not None:
-            best_rfid = min(best_rfid, metrics["rfid"])
-        barrier()
-
-    def save():
-        extra = dict(disc=disc.state_dict(), disc_optimizer=disc_optimizer.state_dict()) if disc is not None else None
-        save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, extra_state=extra)
+    log = RunLog(run_dir, rank)
 
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     window = LogWindow([k for k in LOSS_TERMS if weights[k] > 0 and (k != "kl" or args.train_encoder)]
@@ -924,24 +937,22 @@ def train(args, rank, world, device):
             pbar.update(1)
 
             if step % args.log_every == 0 or step == total_steps:
-                avg = window.averages(args.batch_size)
-                record = dict(step=step, epoch=step / steps_per_epoch, **avg, lr=optimizer.param_groups[0]["scheduled_lr"])
-                if cuda:
-                    record["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    if peak:
-                        record["mfu"] = flops * record["img_per_s"] / (world * peak)
+                record = window.record(step, steps_per_epoch, optimizer.param_groups[0]["scheduled_lr"], args.batch_size)
+                if peak:
+                    record["mfu"] = flops * record["img_per_s"] / (world * peak)
                 log(record)
-                pbar.set_postfix(loss=f"{avg['loss']:.4f}", img_s=f"{avg['img_per_s']:.1f}")
+                pbar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
             if step % args.eval_every == 0 or step == total_steps:
-                run_eval()
+                best_rfid = validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid, rank, log)
             if step % args.ckpt_every == 0 or step == total_steps:
-                save()
+                extra = dict(disc=disc.state_dict(), disc_optimizer=disc_optimizer.state_dict()) if disc is not None else None
+                save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, extra_state=extra)
             t0 = time.time()  # throughput counts training steps (data loading included), not eval or checkpoints
             if step >= total_steps:
                 break
     pbar.close()
+    log.close()
     if rank == 0:
-        log_file.close()
         print(f"done: {step} steps, weights in {os.path.join(run_dir, 'ema.safetensors')}")
 
 
