@@ -671,30 +671,16 @@ def train_flops_per_image(loss_model, lpips, dino, image_shape, latent_shape, gr
 # Training
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_shared_args(p):
+    """The options of train_ae.py and distill.py that the shared helpers here read (data, loss networks,
+    validation, checkpoints, logging)."""
     p.add_argument("--data", required=True, help="image folder (searched recursively; uses train/ and val/ when "
                    "both exist), or 'synthetic' for generated images")
-    p.add_argument("--size", default="M", help="decoder size S|B|M|L|XL|H, or a JSON dict of widths/depth/heads "
-                   "for a custom (e.g. tiny test) decoder")
-    p.add_argument("--encoder", default="f8c4")
-    p.add_argument("--im", type=int, default=128, help="training resolution")
     p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the processes")
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--aug-scale", type=float, default=2.0, help="short side resized to [im, aug_scale * im)")
-    p.add_argument("--train-encoder", action="store_true", help="train the encoder too (KL term on)")
-    p.add_argument("--encoder-ckpt", default=None, help="SSDD .safetensors whose encoder is used (frozen unless "
-                   "--train-encoder)")
-    p.add_argument("--init", default=None, help="SSDD .safetensors to start from (stage 2, finetuning)")
-    p.add_argument("--run-dir", default=None, help="default runs/<date-time>; an existing run dir resumes")
     p.add_argument("--lpips-weight", type=float, default=0.5)
     p.add_argument("--repa-weight", type=float, default=0.25)
-    p.add_argument("--kl-weight", type=float, default=1e-6)
-    p.add_argument("--gan", action="store_true", help="add the PatchGAN loss (an ablation, off in the recipe)")
-    p.add_argument("--gan-weight", type=float, default=0.5, help="weight of the generator's GAN loss")
-    p.add_argument("--gan-start", type=int, default=50_000, help="GAN losses from this step on")
     p.add_argument("--ema-start", type=int, default=50_000, help="EMA 0.999 from this step, a copy before")
     p.add_argument("--eval-every", type=int, default=10_000)
     p.add_argument("--eval-images", type=int, default=5_000, help="validation subset used by the periodic eval")
@@ -706,6 +692,26 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=8, help="data loader processes per rank")
     p.add_argument("--dinov2-weights", default=None, help="local dinov2_vitb14_pretrain.pth (default: download)")
     p.add_argument("--fid-weights", default=None, help="local FID Inception weights (default: download)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="M", help="decoder size S|B|M|L|XL|H, or a JSON dict of widths/depth/heads "
+                   "for a custom (e.g. tiny test) decoder")
+    p.add_argument("--encoder", default="f8c4")
+    p.add_argument("--im", type=int, default=128, help="training resolution")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--train-encoder", action="store_true", help="train the encoder too (KL term on)")
+    p.add_argument("--encoder-ckpt", default=None, help="SSDD .safetensors whose encoder is used (frozen unless "
+                   "--train-encoder)")
+    p.add_argument("--init", default=None, help="SSDD .safetensors to start from (stage 2, finetuning)")
+    p.add_argument("--run-dir", default=None, help="default runs/<date-time>; an existing run dir resumes")
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--gan", action="store_true", help="add the PatchGAN loss (an ablation, off in the recipe)")
+    p.add_argument("--gan-weight", type=float, default=0.5, help="weight of the generator's GAN loss")
+    p.add_argument("--gan-start", type=int, default=50_000, help="GAN losses from this step on")
+    add_shared_args(p)
     return p.parse_args(argv)
 
 
