@@ -102,12 +102,16 @@ def find_images(root):
     return paths
 
 
+def resize_short_side(img, short, resample):
+    w, h = img.size
+    return img.resize((max(short, round(w * short / min(w, h))), max(short, round(h * short / min(w, h)))), resample)
+
+
 def train_crop(img, size, aug_scale, rng):
     """Short side resized (Lanczos) to a random length in [size, aug_scale * size), random crop, random flip."""
     short = rng.randrange(size, math.ceil(aug_scale * size)) if aug_scale > 1 else size
+    img = resize_short_side(img, short, Image.LANCZOS)
     w, h = img.size
-    w, h = max(short, round(w * short / min(w, h))), max(short, round(h * short / min(w, h)))
-    img = img.resize((w, h), Image.LANCZOS)
     left, top = rng.randint(0, w - size), rng.randint(0, h - size)
     img = img.crop((left, top, left + size, top + size))
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
@@ -115,9 +119,8 @@ def train_crop(img, size, aug_scale, rng):
 
 def eval_crop(img, size):
     """Short side resized (bilinear) to size, center crop."""
+    img = resize_short_side(img, size, Image.BILINEAR)
     w, h = img.size
-    w, h = max(size, round(w * size / min(w, h))), max(size, round(h * size / min(w, h)))
-    img = img.resize((w, h), Image.BILINEAR)
     left, top = (w - size) // 2, (h - size) // 2
     return img.crop((left, top, left + size, top + size))
 
@@ -388,10 +391,13 @@ class PatchDiscriminator(nn.Module):
 def gan_losses(logits_fake, logits_real=None):
     """Non-saturating BCE: with only fake logits, the generator's loss (fakes labelled real); with both,
     the discriminator's (mean of the real and the fake term)."""
+    def bce(logits, label):
+        logits = logits.float()
+        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
+
     if logits_real is None:
-        return F.binary_cross_entropy_with_logits(logits_fake.float(), torch.ones_like(logits_fake.float()))
-    return 0.5 * (F.binary_cross_entropy_with_logits(logits_real.float(), torch.ones_like(logits_real.float()))
-                  + F.binary_cross_entropy_with_logits(logits_fake.float(), torch.zeros_like(logits_fake.float())))
+        return bce(logits_fake, 1.0)
+    return 0.5 * (bce(logits_real, 1.0) + bce(logits_fake, 0.0))
 
 
 # ----------------------------------------------------------------------------------------------------------
