@@ -203,18 +203,43 @@ def window_index(h, w, device):
     return torch.where(inside, index, (2 * r + 1) ** 2)
 
 
+class WindowBias(torch.autograd.Function):
+    """(heads, 2W-1, 2W-1) relative-bias table -> (heads, N, N) bias of an h x w token grid, -inf outside
+    the window. The forward is a gather. Autograd's backward of that gather scatters N^2 values into
+    (2W-1)^2 slots with atomic adds (10% of an M training step on an H200); the gradient of table row
+    (a, b) is instead the sum of one diagonal band of the (h, w, h, w) gradient, read here as a strided view."""
+
+    @staticmethod
+    def forward(table, index, h, w):
+        flat = table.flatten(1)
+        return torch.cat([flat, flat.new_full((flat.shape[0], 1), float("-inf"))], dim=1)[:, index]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.grid = inputs[2:]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (h, w), r = ctx.grid, WINDOW - 1
+        heads = grad.shape[0]
+        # padded[.., i1, j1, i2 + r, j2 + r] = grad[.., i1, j1, i2, j2]; band[.., i1, j1, a, b] is the entry with
+        # i2 = i1 + a - r, j2 = j1 + b - r, i.e. the offset (i1 - i2, j1 - j2) = (r - a, r - b)
+        padded = F.pad(grad.reshape(heads, h, w, h, w), (r, r, r, r))
+        s = padded.stride()
+        band = padded.as_strided((heads, h, w, 2 * r + 1, 2 * r + 1), (s[0], s[1] + s[3], s[2] + s[4], s[3], s[4]))
+        return band.sum((1, 2)).flip(1, 2), None, None, None
+
+
 class RelativePositionBias(nn.Module):
     def __init__(self, heads):
         super().__init__()
         self.relative_bias_table = nn.Parameter(torch.zeros(2 * WINDOW - 1, 2 * WINDOW - 1, heads))
 
-    def forward(self, index):
+    def forward(self, index, h, w):
         """(heads, N, N) additive bias, -inf outside the window; rebuilt from the table on every call.
         Contiguous on purpose: SDPA's fused kernels need a unit stride in the last dimension and fall
         back to the slow float32 math path for a permuted view."""
-        table = self.relative_bias_table.flatten(0, 1).t()
-        table = torch.cat([table, table.new_full((table.shape[0], 1), float("-inf"))], dim=1)
-        return table[:, index]
+        return WindowBias.apply(self.relative_bias_table.permute(2, 0, 1), index, h, w)
 
 
 class Attention(nn.Module):
@@ -275,8 +300,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
-    def forward(self, x, ctx_act, index):
-        x = x + self.attn1(self.norm1(x, ctx_act), self.relative_position_bias(index))
+    def forward(self, x, ctx_act, index, grid):
+        x = x + self.attn1(self.norm1(x, ctx_act), self.relative_position_bias(index, *grid))
         return x + self.ff(self.norm2(x))
 
 
@@ -299,7 +324,7 @@ class MidBlock(nn.Module):
         h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         hidden = None
         for i, block in enumerate(self.transformer_blocks):
-            h = block(h, ctx_act, index)
+            h = block(h, ctx_act, index, (H, W))
             if i == self.repa_block:
                 hidden = h
         h = self.proj_out(h).transpose(1, 2).reshape(B, D, H, W)

@@ -79,13 +79,12 @@ def test_official_state_dict_layout(size):
     assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == official_layout(size)
 
 
-def dense_window_attention(attn, table, x):
+def dense_window_attention(attn, table, x, h, w):
     """Straightforward reference: a dense (heads, N, N) bias filled offset by offset, -inf elsewhere,
-    softmax attention in float64."""
+    softmax attention in float64, on an h x w token grid."""
     B, N, D = x.shape
-    side = int(N ** 0.5)
     heads = table.shape[-1]
-    row, col = torch.arange(N) // side, torch.arange(N) % side
+    row, col = torch.arange(N) // w, torch.arange(N) % w
     d_row, d_col = row[:, None] - row[None, :], col[:, None] - col[None, :]  # query minus key
     bias = torch.full((heads, N, N), float("-inf"), dtype=torch.float64)
     for di in range(-7, 8):
@@ -98,15 +97,16 @@ def dense_window_attention(attn, table, x):
     return F.linear(out, attn.out_proj.weight.double(), attn.out_proj.bias.double())
 
 
-@pytest.mark.parametrize("side", [8, 16, 32])
-def test_window_attention_matches_dense_mask(side):
-    torch.manual_seed(side)
+@pytest.mark.parametrize("h, w", [(8, 8), (16, 16), (32, 32), (8, 20), (24, 12)])
+def test_window_attention_matches_dense_mask(h, w):
+    """Output and gradients (of the input and of the bias table) against the float64 dense reference."""
+    torch.manual_seed(h * w)
     block = model.TransformerBlock(64, 4, 16)
     torch.nn.init.normal_(block.relative_position_bias.relative_bias_table)
-    x = torch.randn(2, side * side, 64, requires_grad=True)
-    index = model.window_index(side, side, x.device)
-    ours = block.attn1(x, block.relative_position_bias(index))
-    ref = dense_window_attention(block.attn1, block.relative_position_bias.relative_bias_table, x)
+    x = torch.randn(2, h * w, 64, requires_grad=True)
+    index = model.window_index(h, w, x.device)
+    ours = block.attn1(x, block.relative_position_bias(index, h, w))
+    ref = dense_window_attention(block.attn1, block.relative_position_bias.relative_bias_table, x, h, w)
     assert rel_err(ours.double(), ref) < 1e-5
     grad = torch.randn_like(ref)
     g_ours = torch.autograd.grad(ours, [x, block.relative_position_bias.relative_bias_table], grad.float())
@@ -120,7 +120,7 @@ def test_attention_bias_suits_fused_sdpa_kernels():
     N x N probabilities kept for backward); the bias must be contiguous. With CUDA, the memory-efficient
     kernel must accept it, forward and backward, and agree with the math path."""
     block = model.TransformerBlock(64, 4, 16)
-    bias = block.relative_position_bias(model.window_index(8, 8, "cpu"))
+    bias = block.relative_position_bias(model.window_index(8, 8, "cpu"), 8, 8)
     assert bias.shape == (4, 64, 64) and bias.is_contiguous()
     if not torch.cuda.is_available():
         return
@@ -131,7 +131,7 @@ def test_attention_bias_suits_fused_sdpa_kernels():
     outs = []
     for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
         with sdpa_kernel(backend), torch.autocast("cuda", torch.bfloat16):
-            out = block.attn1(x, block.relative_position_bias(model.window_index(16, 16, "cuda")))
+            out = block.attn1(x, block.relative_position_bias(model.window_index(16, 16, "cuda"), 16, 16))
         out.float().square().sum().backward()
         outs.append((out.float(), block.relative_position_bias.relative_bias_table.grad.clone()))
         block.zero_grad()
@@ -143,10 +143,26 @@ def test_relative_bias_is_read_on_every_call():
     block = model.TransformerBlock(64, 4, 16)
     x = torch.randn(1, 64, 64)
     index = model.window_index(8, 8, x.device)
-    before = block.attn1(x, block.relative_position_bias(index))
+    before = block.attn1(x, block.relative_position_bias(index, 8, 8))
     with torch.no_grad():
         block.relative_position_bias.relative_bias_table.normal_()
-    assert not torch.allclose(before, block.attn1(x, block.relative_position_bias(index)))
+    assert not torch.allclose(before, block.attn1(x, block.relative_position_bias(index, 8, 8)))
+
+
+def test_window_bias_gradient_compiled_matches_gather():
+    """The banded-sum backward of WindowBias, compiled as training compiles it, against autograd's own
+    backward of the plain gather."""
+    torch.manual_seed(0)
+    h, w, heads = 16, 12, 3
+    table = torch.randn(heads, 15, 15, requires_grad=True)
+    index = model.window_index(h, w, "cpu")
+    grad = torch.randn(heads, h * w, h * w)
+    plain = torch.cat([table.flatten(1), torch.full((heads, 1), float("-inf"))], dim=1)[:, index]
+    (expected,) = torch.autograd.grad(plain, table, grad)
+    bias = torch.compile(model.WindowBias.apply, fullgraph=True)(table, index, h, w)
+    assert torch.equal(bias, plain.detach())
+    (got,) = torch.autograd.grad(bias, table, grad)
+    assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
 
 
 @pytest.mark.parametrize("encoder,shape", [("f8c4", (64, 96)), ("f16c8", (128, 64)), ("f4c3", (64, 64))])
