@@ -90,7 +90,6 @@ def distill(args, rank, world, device):
     local_batch = args.batch_size // world
     cuda = device.type == "cuda"
     compile_model = cuda if args.compile is None else args.compile
-    layout = torch.channels_last if cuda else torch.contiguous_format  # NHWC for cuDNN, as in train_ae.py
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -112,7 +111,7 @@ def distill(args, rank, world, device):
     student = SSDD.from_checkpoint(args.teacher)
     student.default_steps = 1
     student.encoder.requires_grad_(False)
-    raw = DistillLoss(student, repa=args.repa_weight > 0).to(device, memory_format=layout)
+    raw = DistillLoss(student, repa=args.repa_weight > 0).to(device)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     optimizer = train_ae.RAdamScheduleFree(train_ae.param_groups(raw.named_parameters(), train_ae.WEIGHT_DECAY), lr=args.lr)
     step, best_rfid = 0, math.inf
@@ -123,7 +122,6 @@ def distill(args, rank, world, device):
     weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight)
 
     lpips, dino, inception = train_ae.loss_networks(args, device, rank)
-    lpips = lpips.to(memory_format=layout) if lpips is not None else None
 
     image_shape = (3, args.im, args.im)
     latent_shape = (student.decoder.z_channels, args.im // student.factor, args.im // student.factor)
@@ -154,7 +152,7 @@ def distill(args, rank, world, device):
         sampler.set_epoch(epoch, skip=offset * local_batch)
         train_set.epoch = epoch
         for x in loader:
-            x = x.to(device, non_blocking=True, memory_format=layout)
+            x = x.to(device, non_blocking=True)
             # train_ae's per-sample noise (independent of the number of ranks, repeated on resume); t and the
             # posterior noise are unused: t is 1 and z the teacher's mean
             _, noise, _ = train_ae.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world, device)

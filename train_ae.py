@@ -434,11 +434,15 @@ class RAdamScheduleFree(torch.optim.Optimizer):
     @torch.no_grad()
     def averaged(self, params):
         """The averaged weights x of params (what eval() would put in them), without touching them."""
-        beta1 = {p: g["betas"][0] for g in self.param_groups if g["train_mode"] for p in g["params"]}
-        out = [p for p in params]
-        moved = [i for i, p in enumerate(out) if p in beta1 and "z" in self.state[p]]
-        for i in moved:
-            out[i] = torch.lerp(out[i], self.state[out[i]]["z"], 1 - 1 / beta1[out[i]])
+        out = list(params)
+        for group in self.param_groups:
+            if group["train_mode"]:
+                mine = set(group["params"])
+                moved = [i for i, p in enumerate(out) if p in mine and "z" in self.state[p]]
+                x = torch._foreach_lerp([out[i] for i in moved], [self.state[out[i]]["z"] for i in moved],
+                                        1 - 1 / group["betas"][0]) if moved else []
+                for i, xi in zip(moved, x):
+                    out[i] = xi
         return out
 
     @torch.no_grad()
@@ -837,9 +841,6 @@ def train(args, rank, world, device):
     local_batch = args.batch_size // world
     cuda = device.type == "cuda"
     compile_model = cuda if args.compile is None else args.compile
-    # cuDNN runs convolutions in NHWC; NCHW weights make the backward pass convert activations back and
-    # forth (18% of the M decoder's compiled training step on an H200)
-    layout = torch.channels_last if cuda else torch.contiguous_format
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -860,12 +861,12 @@ def train(args, rank, world, device):
     if state is None and args.encoder_ckpt:
         ssdd.encoder.load_state_dict(SSDD.from_checkpoint(args.encoder_ckpt).encoder.state_dict())
     ssdd.encoder.requires_grad_(args.train_encoder)
-    raw = AutoencoderLoss(ssdd, args.train_encoder, repa=args.repa_weight > 0).to(device, memory_format=layout)
+    raw = AutoencoderLoss(ssdd, args.train_encoder, repa=args.repa_weight > 0).to(device)
     ema = copy.deepcopy(ssdd).eval().requires_grad_(False)
     optimizer = RAdamScheduleFree(param_groups(raw.named_parameters(), WEIGHT_DECAY), lr=args.lr)
     disc = disc_optimizer = None
     if args.gan:  # Adam with betas (0.5, 0.9), the usual choice for such critics (the SPEC names none)
-        disc = PatchDiscriminator().to(device, memory_format=layout)
+        disc = PatchDiscriminator().to(device)
         disc_optimizer = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.9))
     step, best_rfid = 0, math.inf
     if state is not None:
@@ -879,7 +880,6 @@ def train(args, rank, world, device):
                    gan=args.gan_weight if args.gan else 0.0)
 
     lpips, dino, inception = loss_networks(args, device, rank)
-    lpips = lpips.to(memory_format=layout) if lpips is not None else None
 
     image_shape = (3, args.im, args.im)
     latent_shape = (ssdd.decoder.z_channels, args.im // ssdd.factor, args.im // ssdd.factor)
@@ -917,7 +917,7 @@ def train(args, rank, world, device):
         sampler.set_epoch(epoch, skip=offset * local_batch)
         train_set.epoch = epoch
         for x in loader:
-            x = x.to(device, non_blocking=True, memory_format=layout)
+            x = x.to(device, non_blocking=True)
             t, noise, z_noise = step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world, device)
             with autocast(device):
                 with torch.no_grad():
