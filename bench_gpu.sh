@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements of BENCHMARKS.md in one run: full-recipe training of M at 256 px, batch 32 (LPIPS-VGG
-# and REPA on, compiled, bf16, torchrun), then one-step decode/encode throughput of the M decoder at 256 px,
+# The GPU measurements of BENCHMARKS.md in one run: full-recipe training of M at 256 px, batch 32, and at
+# 128 px, batch 64 (LPIPS-VGG and REPA on, compiled, bf16, torchrun), then one-step decode/encode throughput of the M decoder at 256 px,
 # compiled (with a kernel profile) and eager. Needs no download: the networks of the losses and of
 # FID get random stand-in weights in the torch hub cache, under the names the code looks for. Their compute
 # is the real one; the losses they give mean nothing.
@@ -30,5 +30,9 @@ torchrun --standalone --nproc_per_node 1 train_ae.py --data synthetic --limit 40
     --encoder-ckpt /tmp/encoder.safetensors --im 256 --batch-size 32 --max-steps 60 --log-every 20 \
     --eval-every 1000000 --eval-images 64 --ckpt-every 1000000 --run-dir /tmp/bench_m256 > "$log/train_m256.out" 2>&1
 cp /tmp/bench_m256/log.jsonl "$log/train_m256.jsonl" && cut -c1-300 "$log/train_m256.jsonl"
+torchrun --standalone --nproc_per_node 1 train_ae.py --data synthetic --limit 4000 --num-workers 14 --size M \
+    --encoder-ckpt /tmp/encoder.safetensors --im 128 --batch-size 64 --max-steps 60 --log-every 20 \
+    --eval-every 1000000 --eval-images 64 --ckpt-every 1000000 --run-dir /tmp/bench_m128 > "$log/train_m128.out" 2>&1
+cp /tmp/bench_m128/log.jsonl "$log/train_m128.jsonl" && cut -c1-300 "$log/train_m128.jsonl"
 python3 model.py --size M --im 256 --batch 64 --steps 1 --iters 20 --compile --profile | tee "$log/decode_compiled.txt" | tail -1
 python3 model.py --size M --im 256 --batch 64 --steps 1 --iters 10 | tee "$log/decode_eager.txt"
