@@ -26,13 +26,12 @@ torch.save(fid.InceptionV3().state_dict(), os.path.join(d, os.path.basename(fid.
 SSDD("f8c4", "S").save("/tmp/encoder.safetensors")  # stand-in for the frozen shared encoder of stage 1
 PY
 
-torchrun --standalone --nproc_per_node 1 train_ae.py --data synthetic --limit 4000 --num-workers 14 --size M \
-    --encoder-ckpt /tmp/encoder.safetensors --im 256 --batch-size 32 --max-steps 60 --log-every 20 \
-    --eval-every 1000000 --eval-images 64 --ckpt-every 1000000 --run-dir /tmp/bench_m256 > "$log/train_m256.out" 2>&1
-cp /tmp/bench_m256/log.jsonl "$log/train_m256.jsonl" && cut -c1-300 "$log/train_m256.jsonl"
-torchrun --standalone --nproc_per_node 1 train_ae.py --data synthetic --limit 4000 --num-workers 14 --size M \
-    --encoder-ckpt /tmp/encoder.safetensors --im 128 --batch-size 64 --max-steps 60 --log-every 20 \
-    --eval-every 1000000 --eval-images 64 --ckpt-every 1000000 --run-dir /tmp/bench_m128 > "$log/train_m128.out" 2>&1
-cp /tmp/bench_m128/log.jsonl "$log/train_m128.jsonl" && cut -c1-300 "$log/train_m128.jsonl"
+for run in "256 32" "128 64"; do  # resolution, batch
+    read -r im batch <<< "$run"
+    torchrun --standalone --nproc_per_node 1 train_ae.py --data synthetic --limit 4000 --num-workers 14 --size M \
+        --encoder-ckpt /tmp/encoder.safetensors --im "$im" --batch-size "$batch" --max-steps 60 --log-every 20 \
+        --eval-every 1000000 --eval-images 64 --ckpt-every 1000000 --run-dir "/tmp/bench_m$im" > "$log/train_m$im.out" 2>&1
+    cp "/tmp/bench_m$im/log.jsonl" "$log/train_m$im.jsonl" && cut -c1-300 "$log/train_m$im.jsonl"
+done
 python3 model.py --size M --im 256 --batch 64 --steps 1 --iters 20 --compile --profile | tee "$log/decode_compiled.txt" | tail -1
 python3 model.py --size M --im 256 --batch 64 --steps 1 --iters 10 | tee "$log/decode_eager.txt"

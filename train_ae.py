@@ -11,8 +11,8 @@ Stages of the recipe: 0) encoder + M decoder jointly (--train-encoder, --lr 1e-4
 optimised by schedule-free RAdam with an EMA of its averaged weights; --gan adds the paper's PatchGAN
 ablation. A run directory holds state.pt (the full training state; rerunning with the same --run-dir
 resumes exactly), ema.safetensors (EMA weights in the official layout, for SSDD.from_checkpoint),
-best.safetensors (lowest validation rFID), log.jsonl and PNG grids of reconstructions. The helpers here (data, DDP, REPA, optimizer, checkpoints, eval) are
-imported by the other scripts of the repo.
+best.safetensors (lowest validation rFID), log.jsonl and PNG grids of reconstructions. The helpers here
+(data, DDP, REPA, optimizer, checkpoints, eval) are imported by the other scripts of the repo.
 """
 import argparse
 import copy
