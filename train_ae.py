@@ -843,6 +843,10 @@ def train(args, rank, world, device):
     compile_model = cuda if args.compile is None else args.compile
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        # Inductor keeps training graphs NCHW when a 3x3 conv has out_channels * 2 <= in_channels (the up
+        # blocks' conv1 on concatenated skips), so cuDNN converts to NHWC and back around every convolution;
+        # forcing its channels-last layout makes the M step 7% faster (H200, BENCHMARKS.md)
+        torch._inductor.config.force_layout_optimization = True
 
     run_dir, state_path, state = open_run_dir(args.run_dir, "", rank)
 
