@@ -50,14 +50,67 @@ def parse_encoder_name(name):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Group norm
+
+def group_mean(per_channel, groups, n):
+    """(B, C) per-channel sums -> (B, C, 1, 1): the sum over each channel's group divided by n."""
+    B, C = per_channel.shape
+    return (per_channel.view(B, groups, -1).sum(2) / n).repeat_interleave(C // groups, 1)[:, :, None, None]
+
+
+class GroupNormFromChannelSums(torch.autograd.Function):
+    """F.group_norm without affine, in float32 or wider, with every statistic summed over H, W per channel
+    first and then over the channels of a group, forward and backward. Inductor compiles its own group norm
+    into reductions over strided group slices of a channels-last tensor, several times slower than these
+    reductions along the contiguous channel axis (H200, compiled M decoding: 434 -> 515 img/s). The variance
+    takes a second pass over the centred input, as exact as the native kernel's Welford update."""
+
+    @staticmethod
+    def forward(ctx, x, groups, eps):
+        n = x[0, 0].numel() * (x.shape[1] // groups)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        mean = group_mean(xf.sum((2, 3)), groups, n)
+        rstd = torch.rsqrt(group_mean(((xf - mean) ** 2).sum((2, 3)), groups, n) + eps)
+        ctx.save_for_backward(x, mean, rstd)
+        ctx.groups, ctx.n = groups, n
+        return (xf - mean) * rstd
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mean, rstd = ctx.saved_tensors
+        x_hat = (x.to(mean.dtype) - mean) * rstd
+        grad_mean = group_mean(grad.sum((2, 3)), ctx.groups, ctx.n)
+        grad_x_hat_mean = group_mean((grad * x_hat).sum((2, 3)), ctx.groups, ctx.n)
+        return (rstd * (grad - grad_mean - x_hat * grad_x_hat_mean)).to(x.dtype), None, None
+
+
+def group_norm(x, groups, weight=None, bias=None, eps=1e-5):
+    """F.group_norm, the same numbers; compiled, computed by GroupNormFromChannelSums. Eager keeps the native
+    fused kernel. Output dtype as F.group_norm's: float32 under CUDA autocast, else x's."""
+    if not torch.compiler.is_compiling():
+        return F.group_norm(x, groups, weight, bias, eps)
+    y = GroupNormFromChannelSums.apply(x, groups, eps)
+    if weight is not None:
+        y = y * weight[:, None, None] + bias[:, None, None]
+    return y if x.is_cuda and torch.is_autocast_enabled("cuda") else y.to(x.dtype)
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same state-dict keys) computed by group_norm."""
+
+    def forward(self, x):
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Encoder (LDM KL-VAE encoder)
 
 class EncoderResBlock(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()
-        self.norm1 = nn.GroupNorm(32, cin, eps=1e-6)
+        self.norm1 = GroupNorm(32, cin, eps=1e-6)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2 = nn.GroupNorm(32, cout, eps=1e-6)
+        self.norm2 = GroupNorm(32, cout, eps=1e-6)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
@@ -72,7 +125,7 @@ class EncoderAttention(nn.Module):
 
     def __init__(self, ch):
         super().__init__()
-        self.norm = nn.GroupNorm(32, ch, eps=1e-6)
+        self.norm = GroupNorm(32, ch, eps=1e-6)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(ch, ch, 1) for _ in range(4))
 
     def forward(self, x):
@@ -113,7 +166,7 @@ class Encoder(nn.Module):
         self.mid.block_1 = EncoderResBlock(cin, cin)
         self.mid.attn_1 = EncoderAttention(cin)
         self.mid.block_2 = EncoderResBlock(cin, cin)
-        self.norm_out = nn.GroupNorm(32, cin, eps=1e-6)
+        self.norm_out = GroupNorm(32, cin, eps=1e-6)
         self.conv_out = nn.Conv2d(cin, 2 * z_channels, 3, padding=1)
         self.out_proj = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
 
@@ -161,7 +214,7 @@ class AdaGroupNorm(nn.Module):
     def forward(self, h, ctx):
         # ctx_proj is pointwise, so it commutes with nearest resizing: project at latent resolution
         scale, shift = self.ctx_proj(ctx).chunk(2, dim=1)
-        return modulate(F.group_norm(h, 32, eps=1e-5), scale, shift)
+        return modulate(group_norm(h, 32, eps=1e-5), scale, shift)
 
 
 class ResBlock(nn.Module):
@@ -170,7 +223,7 @@ class ResBlock(nn.Module):
         self.norm1 = AdaGroupNorm(cin, ctx_ch)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, 2 * cout)
-        self.norm2 = nn.GroupNorm(32, cout, eps=1e-5)
+        self.norm2 = GroupNorm(32, cout, eps=1e-5)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
 
@@ -308,7 +361,7 @@ class TransformerBlock(nn.Module):
 class MidBlock(nn.Module):
     def __init__(self, dim, depth, heads, ctx_ch):
         super().__init__()
-        self.norm = nn.GroupNorm(32, dim, eps=1e-6)
+        self.norm = GroupNorm(32, dim, eps=1e-6)
         self.proj_in = nn.Linear(dim, dim)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(dim, heads, ctx_ch) for _ in range(depth)])
         self.proj_out = nn.Linear(dim, dim)
@@ -382,7 +435,7 @@ class Decoder(nn.Module):
             if i < len(widths) - 1:
                 level.upsamplers = nn.ModuleList([Upsample(w)])
             self.up_blocks.append(level)
-        self.conv_norm_out = nn.GroupNorm(32, c0, eps=1e-5)
+        self.conv_norm_out = GroupNorm(32, c0, eps=1e-5)
         self.conv_out = nn.Conv2d(c0, 3, 3, padding=1)
 
     def check_inputs(self, x_t, z):

@@ -165,6 +165,65 @@ def test_window_bias_gradient_compiled_matches_gather():
     assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
 
 
+@pytest.mark.parametrize("shape", [(2, 96, 16, 12), (3, 64, 8, 8), (2, 288, 4, 4)])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_from_channel_sums_matches_native(shape, memory_format):
+    """Forward and backward of the compiled path's group norm against F.group_norm in float64: to rounding in
+    float64, and in float32 on inputs whose mean is larger than their spread, where one-pass variances lose
+    digits (the native CPU kernel's own float32 error on channels-last inputs is 2e-5 to 6e-5 here)."""
+    torch.manual_seed(0)
+    x64 = (torch.randn(shape, dtype=torch.float64) * 3 + 20).contiguous(memory_format=memory_format).requires_grad_()
+    grad = torch.randn(shape, dtype=torch.float64)
+    native = F.group_norm(x64, 32, eps=1e-5)
+    (native_grad,) = torch.autograd.grad(native, x64, grad)
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        x = x64.detach().to(dtype).contiguous(memory_format=memory_format).requires_grad_()
+        ours = model.GroupNormFromChannelSums.apply(x, 32, 1e-5)
+        (ours_grad,) = torch.autograd.grad(ours, x, grad.to(dtype))
+        assert ours.dtype == dtype and (ours.double() - native).abs().max() < tol
+        assert (ours_grad.double() - native_grad).abs().max() < tol * native_grad.abs().max()
+
+
+def test_group_norm_compiled_matches_eager():
+    """model.group_norm under torch.compile (GroupNormFromChannelSums, the affine part, the output dtype)
+    against its eager path, F.group_norm, in values and in the gradients of input, weight and bias."""
+    torch.manual_seed(0)
+    norm = model.GroupNorm(32, 64, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 64, 12, 10).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 64, 12, 10)
+    compiled = torch.compile(norm, fullgraph=True)
+    results = []
+    for fn in (norm, compiled):
+        y = fn(x)
+        results.append((y, *torch.autograd.grad(y, (x, norm.weight, norm.bias), grad)))
+    for eager, comp in zip(*results):
+        torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+    x16 = x.detach().bfloat16()
+    assert compiled(x16).dtype == norm(x16).dtype == torch.bfloat16
+
+
+def test_compiled_decoder_matches_eager():
+    """The decoder as training compiles it (GroupNormFromChannelSums, WindowBias, Inductor's fusions) against
+    eager PyTorch: velocity and the gradient of every parameter. Gradients that are zero in exact arithmetic
+    (biases of convolutions followed by a one-channel-per-group norm) are compared on the scale of the largest."""
+    torch.manual_seed(0)
+    m = SSDD("f8c4", TINY)
+    for p in m.decoder.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x, z, t = torch.randn(2, 3, 64, 64), torch.randn(2, 4, 8, 8), torch.rand(2)
+    results = []
+    for decoder in (m.decoder, torch.compile(m.decoder, fullgraph=True)):
+        v = decoder(x, t, z)
+        results.append((v, torch.autograd.grad(v.square().mean(), list(m.decoder.parameters()))))
+    (v_eager, g_eager), (v_compiled, g_compiled) = results
+    torch.testing.assert_close(v_compiled, v_eager, rtol=1e-5, atol=1e-5)
+    scale = max(g.abs().max() for g in g_eager)
+    for (name, _), got, expected in zip(m.decoder.named_parameters(), g_compiled, g_eager):
+        assert (got - expected).abs().max() < 1e-4 * max(expected.abs().max(), 1e-3 * scale), name
+
+
 @pytest.mark.parametrize("encoder,shape", [("f8c4", (64, 96)), ("f16c8", (128, 64)), ("f4c3", (64, 64))])
 def test_context_modulation_equals_upsampling(encoder, shape):
     """Modulating by broadcast equals the straightforward nearest-upsampled context at every level."""
