@@ -92,7 +92,7 @@ def distill(args, rank, world, device):
     compile_model = cuda if args.compile is None else args.compile
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch._inductor.config.force_layout_optimization = True  # why: train_ae.train
+        torch._inductor.config.force_layout_optimization = True  # see train_ae.train
 
     run_dir, state_path, state = train_ae.open_run_dir(args.run_dir, "distill-", rank)
 
