@@ -70,10 +70,11 @@ class GroupNormFromChannelSums(torch.autograd.Function):
         n = x[0, 0].numel() * (x.shape[1] // groups)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         mean = group_mean(xf.sum((2, 3)), groups, n)
-        rstd = torch.rsqrt(group_mean(((xf - mean) ** 2).sum((2, 3)), groups, n) + eps)
+        centred = xf - mean
+        rstd = torch.rsqrt(group_mean((centred ** 2).sum((2, 3)), groups, n) + eps)
         ctx.save_for_backward(x, mean, rstd)
         ctx.groups, ctx.n = groups, n
-        return (xf - mean) * rstd
+        return centred * rstd
 
     @staticmethod
     def backward(ctx, grad):
