@@ -66,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--im", type=int, default=256, help="resolution, that of the teacher's last training stage")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--run-dir", default=None, help="default runs/distill-<date-time>; an existing run dir resumes")
+    p.add_argument("--run-dir", default=None, help="default runs/distill-<date-time> (kept across torchrun's "
+                   "restarts); an existing run dir resumes")
     train_ae.add_shared_args(p)
     return p.parse_args(argv)
 

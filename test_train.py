@@ -462,17 +462,18 @@ def test_gan_run_and_resume(tmp_path, encoder_ckpt, no_fid):
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
 
 
-def torchrun(nproc, args, tmp_path, timeout=600):
+def torchrun(nproc, args, tmp_path, timeout=600, launcher=(), prelude="", cwd=HERE):
     """train_ae.main under torchrun, gloo, one thread per process, rFID off (its 2048x2048 eigenvalue
-    problem costs tens of seconds on a small CPU, and the test_run_outputs run covers it)."""
+    problem costs tens of seconds on a small CPU, and the test_run_outputs run covers it). launcher: more
+    torchrun options; prelude: code the workers run first."""
     script = tmp_path / "run_train_ae.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport train_ae\n\n"
+    script.write_text(f"import os, sys\nsys.path.insert(0, {HERE!r})\nimport train_ae\n\n"
                       "def unavailable(weights=None, device='cpu'):\n    raise RuntimeError('no FID weights in this test')\n\n"
-                      "train_ae.fid.load_inception = unavailable\ntrain_ae.main()\n")
+                      f"train_ae.fid.load_inception = unavailable\n{prelude}\ntrain_ae.main()\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(nproc), str(script), *args], cwd=HERE, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                           str(nproc), *launcher, str(script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def test_two_processes_match_one(tmp_path, encoder_ckpt, full_run):
@@ -503,6 +504,43 @@ def test_two_processes_match_one(tmp_path, encoder_ckpt, full_run):
     eval_two, eval_one = [r["eval"] for r in log_two if "eval" in r], [r["eval"] for r in log_one if "eval" in r]
     assert eval_two[0]["psnr"] == pytest.approx(eval_one[0]["psnr"], rel=1e-4)  # sharded evaluation
     assert eval_two[0]["ssim"] == pytest.approx(eval_one[0]["ssim"], rel=1e-4)
+
+
+POISON_STEP_3_OF_FIRST_ATTEMPT = """
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+    forward, calls = train_ae.AutoencoderLoss.forward, []
+
+    def poisoned(self, *args):
+        terms, x0_hat = forward(self, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            terms["fm"] = terms["fm"] * float("nan")
+        return terms, x0_hat
+
+    train_ae.AutoencoderLoss.forward = poisoned
+"""
+
+
+def test_torchrun_restart_resumes_in_the_default_run_dir(tmp_path, encoder_ckpt, full_run):
+    """torchrun --max-restarts 1 without --run-dir: the first attempt stops on a NaN loss at step 3, after the
+    step-2 checkpoint; the restarted worker finds the first attempt's run folder, resumes it at step 2 and
+    ends with the weights of the uninterrupted run."""
+    args = cli("-", encoder_ckpt, STEPS, PHOTOS, "--ckpt-every", "2")
+    del args[args.index("--run-dir"):args.index("--run-dir") + 2]
+    out = torchrun(1, args, tmp_path, launcher=("--max-restarts", "1"), prelude=POISON_STEP_3_OF_FIRST_ATTEMPT,
+                   cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "non-finite loss or gradient at step 3" in out.stderr
+    runs = [d for d in os.listdir(tmp_path / "runs") if not d.startswith(".")]
+    assert len(runs) == 1
+    run_dir = tmp_path / "runs" / runs[0]
+    assert f"resuming {os.path.join('runs', runs[0])} at step 2" in out.stdout
+    resumed, full = state(run_dir), state(full_run)
+    assert resumed["step"] == STEPS
+    for key in ("model", "ema"):
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
+    losses = [(r["step"], r["loss"]) for r in read_log(run_dir) if "loss" in r]
+    assert losses == [(r["step"], r["loss"]) for r in read_log(full_run) if "loss" in r]
 
 
 def test_batch_not_divisible_by_world_size(tmp_path, encoder_ckpt):

@@ -716,7 +716,8 @@ def parse_args(argv=None):
     p.add_argument("--encoder-ckpt", default=None, help="SSDD .safetensors whose encoder is used (frozen unless "
                    "--train-encoder)")
     p.add_argument("--init", default=None, help="SSDD .safetensors to start from (stage 2, finetuning)")
-    p.add_argument("--run-dir", default=None, help="default runs/<date-time>; an existing run dir resumes")
+    p.add_argument("--run-dir", default=None, help="default runs/<date-time> (kept across torchrun's restarts); "
+                   "an existing run dir resumes")
     p.add_argument("--kl-weight", type=float, default=1e-6)
     p.add_argument("--gan", action="store_true", help="add the PatchGAN loss (an ablation, off in the recipe)")
     p.add_argument("--gan-weight", type=float, default=0.5, help="weight of the generator's GAN loss")
@@ -738,10 +739,27 @@ def main(argv=None):
         cleanup_distributed()
 
 
+def default_run_dir(prefix):
+    """runs/<prefix><date-time>. Under torchrun the name is noted in runs/.torchrun-<prefix><rendezvous id>,
+    and workers that torchrun restarts after a failure (--max-restarts) read it back, so that they resume
+    the run instead of starting a new one; a fresh launch always starts a new run."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": not torchrun, or a static rendezvous
+    note = os.path.join("runs", f".torchrun-{prefix}{job}")
+    if job != "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and os.path.exists(note):
+        with open(note) as f:
+            return f.read()
+    run_dir = os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    if job != "none":
+        os.makedirs("runs", exist_ok=True)
+        with open(note, "w") as f:
+            f.write(run_dir)
+    return run_dir
+
+
 def open_run_dir(run_dir, prefix, rank):
-    """Rank 0 names the run directory (default runs/<prefix><date-time>), every rank uses it. Returns
+    """Rank 0 names the run directory (default: default_run_dir), every rank uses it. Returns
     (run_dir, path of state.pt, the saved training state or None): an existing state.pt means resume."""
-    run_dir = [run_dir or os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))]
+    run_dir = [run_dir or (default_run_dir(prefix) if rank == 0 else None)]
     if dist.is_initialized():
         dist.broadcast_object_list(run_dir, src=0)
     run_dir = run_dir[0]
