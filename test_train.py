@@ -543,6 +543,16 @@ def test_torchrun_restart_resumes_in_the_default_run_dir(tmp_path, encoder_ckpt,
     assert losses == [(r["step"], r["loss"]) for r in read_log(full_run) if "loss" in r]
 
 
+def test_ranks_that_see_different_states_stop(tmp_path, encoder_ckpt, no_fid):
+    """As on nodes without a shared filesystem: rank 1 cannot see the state.pt that rank 0 resumes from."""
+    train_ae.main(cli(tmp_path / "run", encoder_ckpt, 1))
+    hide = ("if os.environ['RANK'] == '1':\n    exists = os.path.exists\n"
+            "    os.path.exists = lambda p: not str(p).endswith('state.pt') and exists(p)\n")
+    out = torchrun(2, cli(tmp_path / "run", encoder_ckpt, 2), tmp_path, timeout=300, prelude=hide)
+    assert out.returncode != 0
+    assert "the ranks see different training states" in out.stderr and "[1, None]" in out.stderr
+
+
 def test_batch_not_divisible_by_world_size(tmp_path, encoder_ckpt):
     out = torchrun(2, cli(tmp_path / "run", encoder_ckpt, 1, PHOTOS, "--batch-size", "3"), tmp_path, timeout=300)
     assert out.returncode != 0

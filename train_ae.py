@@ -767,7 +767,14 @@ def open_run_dir(run_dir, prefix, rank):
     if rank == 0:
         os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
     barrier()
-    return run_dir, state_path, load_training_state(state_path) if os.path.exists(state_path) else None
+    state = load_training_state(state_path) if os.path.exists(state_path) else None
+    if dist.is_initialized():  # a node that cannot see rank 0's files would train from another step
+        steps = [None] * dist.get_world_size()
+        dist.all_gather_object(steps, state and state["step"])
+        if len(set(steps)) > 1:
+            raise RuntimeError(f"the ranks see different training states in {run_dir} (step per rank, None for "
+                               f"none: {steps}); on several nodes the run dir must be on a shared filesystem")
+    return run_dir, state_path, state
 
 
 def restore_training_state(state, loss_model, ema, optimizer, args, run_dir, rank):
