@@ -740,19 +740,20 @@ def main(argv=None):
 
 
 def default_run_dir(prefix):
-    """runs/<prefix><date-time>. Under torchrun the name is noted in runs/.torchrun-<prefix><rendezvous id>,
-    and workers that torchrun restarts after a failure (--max-restarts) read it back, so that they resume
-    the run instead of starting a new one; a fresh launch always starts a new run."""
-    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none": not torchrun, or a static rendezvous
+    """runs/<prefix><date-time>. Under torchrun with --max-restarts the name is noted in
+    runs/.torchrun-<prefix><rendezvous id>, and the workers torchrun restarts after a failure read it back, so
+    that they resume the run instead of starting a new one; a fresh launch always starts a new run."""
+    run_dir = os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none" also for torchrun's static rendezvous
+    if job == "none" or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return run_dir
     note = os.path.join("runs", f".torchrun-{prefix}{job}")
-    if job != "none" and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and os.path.exists(note):
+    if int(os.environ["TORCHELASTIC_RESTART_COUNT"]) > 0 and os.path.exists(note):
         with open(note) as f:
             return f.read()
-    run_dir = os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if job != "none":
-        os.makedirs("runs", exist_ok=True)
-        with open(note, "w") as f:
-            f.write(run_dir)
+    os.makedirs("runs", exist_ok=True)
+    with open(note, "w") as f:
+        f.write(run_dir)
     return run_dir
 
 
