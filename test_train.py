@@ -508,16 +508,8 @@ def test_two_processes_match_one(tmp_path, encoder_ckpt, full_run):
 
 POISON_STEP_3_OF_FIRST_ATTEMPT = """
 if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-    forward, calls = train_ae.AutoencoderLoss.forward, []
-
-    def poisoned(self, *args):
-        terms, x0_hat = forward(self, *args)
-        calls.append(1)
-        if len(calls) == 3:
-            terms["fm"] = terms["fm"] * float("nan")
-        return terms, x0_hat
-
-    train_ae.AutoencoderLoss.forward = poisoned
+    import test_train
+    train_ae.AutoencoderLoss.forward = test_train.nan_at_third_call(train_ae.AutoencoderLoss.forward)
 """
 
 
@@ -593,8 +585,8 @@ def test_loss_falls_on_real_photos(tmp_path, encoder_ckpt, no_fid, capsys):
     assert train_losses[-1] < 0.75 * train_losses[0], train_losses
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, encoder_ckpt, no_fid, monkeypatch):
-    forward = train_ae.AutoencoderLoss.forward
+def nan_at_third_call(forward):
+    """AutoencoderLoss.forward whose third call (the third training step) returns a NaN flow-matching loss."""
     calls = []
 
     def poisoned(self, *args):
@@ -604,7 +596,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, encoder_ckpt, no_fid
             terms["fm"] = terms["fm"] * float("nan")
         return terms, x0_hat
 
-    monkeypatch.setattr(train_ae.AutoencoderLoss, "forward", poisoned)
+    return poisoned
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, encoder_ckpt, no_fid, monkeypatch):
+    monkeypatch.setattr(train_ae.AutoencoderLoss, "forward", nan_at_third_call(train_ae.AutoencoderLoss.forward))
     with pytest.raises(SystemExit, match="non-finite loss or gradient at step 3"):
         train_ae.main(cli(tmp_path, encoder_ckpt, 10, PHOTOS, "--ckpt-every", "2"))
     s = state(tmp_path)
