@@ -14,14 +14,14 @@ python3 -c "import torch; print('torch', torch.__version__)"
 
 python3 - <<'PY' || exit 1
 import os, torch, torchvision
-import fid, train_ae
+import fid, losses
 from model import SSDD
 d = os.path.join(torch.hub.get_dir(), "checkpoints")
 os.makedirs(d, exist_ok=True)
 torch.save(torchvision.models.vgg16().state_dict(), os.path.join(d, os.path.basename(torchvision.models.VGG16_Weights.IMAGENET1K_V1.url)))
 torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
            os.path.join(d, f"lpips_v0.1_vgg-{fid.LPIPS_HEADS_SHA256['vgg'][:10]}.pth"))
-torch.save(train_ae.DINOv2().state_dict(), os.path.join(d, os.path.basename(train_ae.DINOV2_URL)))
+torch.save(losses.DINOv2().state_dict(), os.path.join(d, os.path.basename(losses.DINOV2_URL)))
 torch.save(fid.InceptionV3().state_dict(), os.path.join(d, os.path.basename(fid.INCEPTION_URL)))
 SSDD("f8c4", "S").save("/tmp/encoder.safetensors")  # stand-in for the frozen shared encoder of stage 1
 PY

@@ -1,4 +1,4 @@
-"""Evaluate an SSDD checkpoint as the paper does (SPEC section 7): reconstruct a folder of images and report
+"""Evaluate an SSDD checkpoint as the paper does (arXiv 2510.04961): reconstruct a folder of images and report
 rFID, PSNR, SSIM, LPIPS and encode / decode throughput.
 
     python evaluate.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256 --limit 5000 --json m256.json
@@ -17,98 +17,13 @@ reconstructions as PNG under the images' relative paths: also the way to reconst
 import argparse
 import json
 import os
-import random
-import time
 
 import torch
-import torch.distributed as dist
-from PIL import Image
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
+import data
 import fid
-import train_ae
+import runs
 from model import SSDD, check_image_size
-from train_ae import autocast, all_reduce
-
-METRICS = ("rfid", "psnr", "ssim", "lpips", "encode_img_per_s", "decode_img_per_s")
-
-
-def image_folder(data, size, split, limit=None):
-    """Eval-transformed images of data/<split> when data has both train/ and val/, else of data itself.
-    limit: a fixed random subset of that many, the same one train_ae.build_datasets picks. Returns the
-    dataset and the folder searched."""
-    if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "val")):
-        data = os.path.join(data, split)
-    paths = train_ae.find_images(data)
-    if limit:
-        paths = sorted(random.Random(0).sample(paths, min(limit, len(paths))))
-    return train_ae.ImageFolder(paths, size, train=False), data
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, inception=None, lpips=None,
-                save_dir=None, root=None, workers=4, progress=False):
-    """Reconstruct dataset (sharded over the ranks: a collective call) and return {metric: value}, None for
-    rFID without an Inception network and for LPIPS without its network. The decoder noise of image i comes
-    from a generator seeded with seed + i, as in train_ae.evaluate, whose numbers these are."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    indices = list(range(rank, len(dataset), world))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=workers)
-    # squared error, elements, SSIM sum, LPIPS sum, images; then images, encode and decode seconds of the
-    # timed batches, and of all batches (used when no batch is timed: a single partial batch after the first)
-    sums = torch.zeros(11, dtype=torch.float64, device=device)
-    stats = (fid.FeatureStats(device=device), fid.FeatureStats(device=device)) if inception is not None else None
-    done = 0
-    for k, x in enumerate(tqdm(loader, desc="reconstructing", disable=not progress, dynamic_ncols=True)):
-        batch = indices[done:done + len(x)]
-        done += len(x)
-        noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seed + i)) for i in batch])
-        x, noise = x.to(device), noise.to(device)
-        synchronize(device)
-        start = time.perf_counter()
-        with autocast(device):
-            z = model.encode(x)
-            synchronize(device)
-            middle = time.perf_counter()
-            rec = model.decode(z, steps=steps, noise=noise).float()
-        synchronize(device)
-        end = time.perf_counter()
-        real, fake = fid.to_uint8(x), fid.to_uint8(rec)
-        d = lpips(real / 127.5 - 1, fake / 127.5 - 1).double().sum() if lpips is not None else 0.0
-        # the first batch warms up (and compiles); a partial batch would be compiled anew
-        timed = float((k > 0 or len(loader) == 1) and len(x) == batch_size)
-        times = [len(x), middle - start, end - middle]
-        sums += torch.tensor([fid.squared_error(real, fake).item(), real.numel(), fid.ssim(real.double() / 255, fake.double() / 255).sum().item(),
-                              float(d), len(x), *[timed * v for v in times], *times], dtype=torch.float64, device=device)
-        if stats is not None:
-            stats[0].update(inception(real))
-            stats[1].update(inception(fake))
-        if save_dir is not None:
-            for i, image in zip(batch, fake.permute(0, 2, 3, 1).cpu().numpy()):
-                path = os.path.join(save_dir, recon_name(dataset.paths[i], root))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                Image.fromarray(image).save(path)
-    all_reduce(sums)
-    se, elements, ssim, lp, n, *times = sums.tolist()
-    n_timed, encode_s, decode_s = times[:3] if times[0] > 0 else times[3:]
-    metrics = dict(rfid=None, psnr=fid.psnr(se / elements), ssim=ssim / n, lpips=lp / n if lpips is not None else None,
-                   encode_img_per_s=n_timed / encode_s, decode_img_per_s=n_timed / decode_s)
-    if stats is not None:
-        for s in stats:
-            s.all_reduce()
-        metrics["rfid"] = fid.frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov())
-    return metrics
-
-
-def recon_name(path, root):
-    """Relative path of a reconstruction: the image's path under root, as PNG (lossless: the metrics' uint8)."""
-    return os.path.splitext(os.path.relpath(path, root))[0] + ".png"
 
 
 def parse_args(argv=None):
@@ -183,40 +98,38 @@ def table(results):
 def main(argv=None):
     args = parse_args(argv)
     check_args(args)
-    rank, world, device = train_ae.setup_distributed()
+    rank, world, device = runs.setup_distributed()
     try:
         results = evaluate(args, rank, world, device)
     finally:
-        train_ae.cleanup_distributed()
+        runs.cleanup_distributed()
     return results
 
 
 def evaluate(args, rank, world, device):
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         model = SSDD.from_checkpoint(args.ckpt, device)
         check_image_size(args.im, args.im, model.factor)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:
-        dataset, root = image_folder(args.data, args.im, "val", args.limit)
+        dataset = data.load_split(args.data, "val", args.im, limit=args.limit)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
     if args.save_recons:
-        names = [recon_name(p, root) for p in dataset.paths]
+        names = [fid.recon_name(p, dataset.root) for p in dataset.paths]
         if len(set(names)) != len(names):
-            raise SystemExit(f"error: some images under {root} differ only in their extension: their PNG "
+            raise SystemExit(f"error: some images under {dataset.root} differ only in their extension: their PNG "
                              f"reconstructions would overwrite each other")
     inception, lpips, unavailable = load_metric_networks(args, device, len(dataset))
     steps = args.steps or model.default_steps
     if args.compile if args.compile is not None else device.type == "cuda":
         model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
 
-    metrics = reconstruct(model, dataset, args.batch_size, device, steps, args.seed, inception, lpips,
-                          args.save_recons, root, args.num_workers, progress=rank == 0)
+    metrics, _ = fid.reconstruct(model, dataset, args.batch_size, device, steps, args.seed, inception=inception,
+                                 lpips=lpips, save_dir=args.save_recons, workers=args.num_workers, progress=rank == 0)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    results = dict(ckpt=args.ckpt, data=root, im=args.im, images=len(dataset), steps=steps, seed=args.seed,
+    results = dict(ckpt=args.ckpt, data=dataset.root, im=args.im, images=len(dataset), steps=steps, seed=args.seed,
                    device=f"{world} x {where}", **metrics, unavailable=unavailable)
     if rank == 0:
         print(table(results))

@@ -1,7 +1,8 @@
 """
-Reconstruction metrics for SSDD (SPEC.md section 7): FID with the TF Inception network, giving
-torch-fidelity's numbers; PSNR and SSIM as scikit-image computes them; LPIPS v0.1 (AlexNet for the metric,
-VGG16 for the training loss). Depends only on torch, torchvision, numpy, pillow and tqdm.
+Reconstruction metrics for SSDD, as the paper (arXiv 2510.04961) reports them, and the evaluation loop that
+computes them: FID with the TF Inception network, giving torch-fidelity's numbers; PSNR and SSIM as
+scikit-image computes them; LPIPS v0.1 (AlexNet for the metric, VGG16 for the training loss). Depends only
+on torch, torchvision, numpy, pillow and tqdm.
 
     python fid.py PATH_A PATH_B [--weights FILE] [--batch-size N] [--device D]
     python fid.py PATH --save-stats out.npz
@@ -15,6 +16,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 import warnings
 import zipfile
 
@@ -403,6 +405,95 @@ class LPIPS(nn.Module):
             fy = fy / (torch.linalg.vector_norm(fy, dim=1, keepdim=True) + 1e-8)
             d = d + ((fx - fy).square() * w.view(1, -1, 1, 1)).sum(1).mean((1, 2))
         return d
+
+# -----------------------------------------------------------------------------
+# the evaluation loop: reconstruct a dataset and measure it, for evaluate.py and the periodic validation
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+@torch.no_grad()
+def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_images=None, inception=None,
+                lpips=None, save_dir=None, workers=4, progress=False):
+    """Reconstruct the first num_images of dataset (default all; sharded over the ranks: a collective call)
+    from the latent mean with `steps` Euler steps, the noise of image i from a generator seeded with seed + i,
+    so the numbers repeat whatever the batch size or number of ranks. Every metric is computed on the
+    uint8-quantised images. Returns ({'rfid' (None without an Inception network), 'psnr' (from the aggregate
+    MSE), 'ssim' (per image, float64, averaged), 'lpips' (None without its network), 'encode_img_per_s',
+    'decode_img_per_s' (per rank, over the full batches after the first, which warms up and compiles)},
+    (originals, reconstructions) of rank 0's first batch in [-1, 1]). save_dir: write the reconstructions
+    there as PNG, under their paths relative to dataset.root (recon_name)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    n = min(num_images or len(dataset), len(dataset))
+    if n < world:
+        raise ValueError(f"evaluating {n} images on {world} ranks: give every rank at least one")
+    indices = list(range(rank, n, world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
+                                         num_workers=workers)
+    # the timed batches' images and seconds, and all batches' seconds (used when no batch is timed: a single
+    # partial batch after the first)
+    totals = dict.fromkeys(("squared_error", "elements", "ssim", "lpips", "images", "timed_images", "timed_encode_s",
+                            "timed_decode_s", "encode_s", "decode_s"), 0.0)
+    stats = (FeatureStats(device=device), FeatureStats(device=device)) if inception is not None else None
+    first, done = None, 0
+    for k, x in enumerate(tqdm(loader, desc="reconstructing", disable=not progress, dynamic_ncols=True)):
+        batch = indices[done:done + len(x)]
+        done += len(x)
+        noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(seed + i)) for i in batch])
+        x, noise = x.to(device), noise.to(device)
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            z = model.encode(x)
+            synchronize(device)
+            middle = time.perf_counter()
+            rec = model.decode(z, steps=steps, noise=noise).float()
+        synchronize(device)
+        end = time.perf_counter()
+        real, fake = to_uint8(x), to_uint8(rec)
+        timed = (k > 0 or len(loader) == 1) and len(x) == batch_size  # a partial batch would be compiled anew
+        totals["squared_error"] += squared_error(real, fake).item()
+        totals["elements"] += real.numel()
+        totals["ssim"] += ssim(real.double() / 255, fake.double() / 255).sum().item()
+        if lpips is not None:
+            totals["lpips"] += lpips(real / 127.5 - 1, fake / 127.5 - 1).double().sum().item()
+        totals["images"] += len(x)
+        totals["encode_s"] += middle - start
+        totals["decode_s"] += end - middle
+        if timed:
+            totals["timed_images"] += len(x)
+            totals["timed_encode_s"] += middle - start
+            totals["timed_decode_s"] += end - middle
+        if stats is not None:
+            stats[0].update(inception(real))
+            stats[1].update(inception(fake))
+        if first is None:
+            first = (x.cpu(), rec.clamp(-1, 1).cpu())
+        if save_dir is not None:
+            for i, image in zip(batch, fake.permute(0, 2, 3, 1).cpu().numpy()):
+                path = os.path.join(save_dir, recon_name(dataset.paths[i], dataset.root))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(image).save(path)
+    summed = torch.tensor(list(totals.values()), dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(summed)
+    t = dict(zip(totals, summed.tolist()))
+    if t["timed_images"] == 0:
+        t["timed_images"], t["timed_encode_s"], t["timed_decode_s"] = t["images"], t["encode_s"], t["decode_s"]
+    metrics = dict(rfid=None, psnr=psnr(t["squared_error"] / t["elements"]), ssim=t["ssim"] / t["images"],
+                   lpips=t["lpips"] / t["images"] if lpips is not None else None,
+                   encode_img_per_s=t["timed_images"] / t["timed_encode_s"],
+                   decode_img_per_s=t["timed_images"] / t["timed_decode_s"])
+    if stats is not None:
+        for s in stats:
+            s.all_reduce()
+        metrics["rfid"] = frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov())
+    return metrics, first
+
+def recon_name(path, root):
+    """Relative path of a reconstruction: the image's path under root, as PNG (lossless: the metrics' uint8)."""
+    return os.path.splitext(os.path.relpath(path, root))[0] + ".png"
 
 # -----------------------------------------------------------------------------
 # image folders and the command line

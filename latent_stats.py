@@ -1,4 +1,4 @@
-"""Latent statistics of a dataset, for training a latent diffusion model on SSDD latents (SPEC section 7).
+"""Latent statistics of a dataset, for training a latent diffusion model on SSDD latents (arXiv 2510.04961).
 
     python latent_stats.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256
     torchrun --nproc_per_node 8 latent_stats.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256
@@ -17,10 +17,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-import train_ae
-from evaluate import image_folder
+import data
+import runs
 from model import SSDD, check_image_size, load_safetensors, save_safetensors
-from train_ae import autocast
 
 
 def merge(a, b):
@@ -42,7 +41,7 @@ def latent_stats(model, dataset, batch_size, device, workers=4, progress=False):
     loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, num_workers=workers)
     summary = (0, 0.0, 0.0)
     for x in tqdm(loader, desc="encoding", disable=not progress, dynamic_ncols=True):
-        with autocast(device):
+        with runs.autocast(device):
             z = model.encode(x.to(device)).double()
         mean = z.mean()
         summary = merge(summary, (z.numel(), mean.item(), (z - mean).square().sum().item()))
@@ -78,12 +77,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = train_ae.setup_distributed()
+    rank, world, device = runs.setup_distributed()
     try:
         try:
             model = SSDD.from_checkpoint(args.ckpt, device)
             check_image_size(args.im, args.im, model.factor)
-            dataset, _ = image_folder(args.data, args.im, "train", args.limit)
+            dataset = data.load_split(args.data, "train", args.im, limit=args.limit)
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f"error: {e}") from None
         mean, std, n = latent_stats(model, dataset, args.batch_size, device, args.num_workers, progress=rank == 0)
@@ -91,9 +90,9 @@ def main(argv=None):
             write_stats(args.ckpt, mean, std)
             print(f"latent mean {mean:.6g}, std {std:.6g} over {n} elements of {len(dataset)} images; "
                   f"written into {args.ckpt}")
-        train_ae.barrier()
+        runs.barrier()
     finally:
-        train_ae.cleanup_distributed()
+        runs.cleanup_distributed()
     return mean, std
 
 

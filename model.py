@@ -485,6 +485,11 @@ def check_image_size(H, W, factor):
 # ----------------------------------------------------------------------------------------------------------
 # The autoencoder
 
+def sample_posterior(mean, logvar, noise=None):
+    """A sample mean + std * noise of the encoder's diagonal Gaussian posterior; noise ~ N(0, I) unless given."""
+    return mean + (0.5 * logvar).exp() * (torch.randn_like(mean) if noise is None else noise)
+
+
 def time_grid(steps, device=None):
     """Euler time points t_i = (1 - i / N)^4, i = 0..N, from 1 (noise) to 0 (image)."""
     return (1 - torch.arange(steps + 1, dtype=torch.float32, device=device) / steps) ** TIME_POWER
@@ -522,7 +527,7 @@ class SSDD(nn.Module):
         """Images in [-1, 1] -> latent mean (or a posterior sample), (B, C, H/f, W/f)."""
         self.check_images(x)
         mean, logvar = self.encoder(x)
-        return mean + (0.5 * logvar).exp() * torch.randn_like(mean) if sample else mean
+        return sample_posterior(mean, logvar) if sample else mean
 
     @torch.no_grad()
     def decode(self, z, steps=None, noise=None, generator=None):
@@ -538,14 +543,18 @@ class SSDD(nn.Module):
             x = x + (ts[i] - ts[i + 1]) * v
         return x
 
-    def forward(self, x, t=None, noise=None, z=None):
-        """One flow-matching training evaluation on clean images x. Samples z from the posterior unless
-        given (a frozen encoder or distillation), t ~ sigmoid(N(0, 1)) and e ~ N(0, I) unless given."""
+    def forward(self, x, t=None, noise=None, z=None, z_noise=None):
+        """One flow-matching training evaluation on clean images x: the whole objective's randomness and
+        arithmetic, written once. z: the latents to condition on (distillation); by default a posterior
+        sample mean + std * z_noise of x, with the KL of the posterior to N(0, I) (summed over C, H, W,
+        averaged over the batch). t ~ sigmoid(N(0, 1)), e ~ N(0, I) and z_noise ~ N(0, I) unless given.
+        Returns the velocity MSE 'loss', 'kl' (None when z is given), the noisy input 'x_t', the one-step
+        clean estimate 'x0_hat' = x_t + t v_hat, and the REPA tokens 'hidden'."""
         kl = None
         if z is None:
             self.check_images(x)
             mean, logvar = self.encoder(x)
-            z = mean + (0.5 * logvar).exp() * torch.randn_like(mean)
+            z = sample_posterior(mean, logvar, z_noise)
             kl = 0.5 * (mean.float().square() + logvar.float().exp() - 1 - logvar.float()).sum((1, 2, 3)).mean()
         if t is None:
             t = torch.sigmoid(torch.randn(x.shape[0], device=x.device))
@@ -556,7 +565,7 @@ class SSDD(nn.Module):
         v, hidden = self.decoder(x_t, t, z, return_hidden=True)
         loss = F.mse_loss(v.float(), (x - noise).float())
         x0_hat = x_t + t_ * v
-        return dict(loss=loss, kl=kl, x0_hat=x0_hat, t=t, z=z, noise=noise, hidden=hidden)
+        return dict(loss=loss, kl=kl, x_t=x_t, x0_hat=x0_hat, t=t, z=z, noise=noise, hidden=hidden)
 
     def normalize_latent(self, z):
         """(z - mean) / std with the dataset latent statistics, for training a latent diffusion model."""

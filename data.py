@@ -1,0 +1,173 @@
+"""Data: image folders and generated images, the train and eval crops, the one function that picks a split,
+and the resumable distributed sampler.
+
+Every random choice of a training sample (its scale, crop, flip) comes from a generator seeded by (seed,
+epoch, index), so a sample is augmented the same way whatever the number of ranks or workers.
+"""
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+import fid
+
+def find_images(root):
+    """All image files under root, recursively, sorted; an error when there are none."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"data folder {root!r} does not exist (or is not a folder)")
+    paths = fid.image_files(root)
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(fid.IMAGE_EXTENSIONS)}) found under {root!r}")
+    return paths
+
+
+def resize_short_side(img, short, resample):
+    w, h = img.size
+    return img.resize((max(short, round(w * short / min(w, h))), max(short, round(h * short / min(w, h)))), resample)
+
+
+def train_crop(img, size, aug_scale, rng):
+    """Short side resized (Lanczos) to a random length in [size, aug_scale * size), random crop, random flip."""
+    short = rng.randrange(size, math.ceil(aug_scale * size)) if aug_scale > 1 else size
+    img = resize_short_side(img, short, Image.LANCZOS)
+    w, h = img.size
+    left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+    img = img.crop((left, top, left + size, top + size))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def eval_crop(img, size):
+    """Short side resized (bilinear) to size, center crop."""
+    img = resize_short_side(img, size, Image.BILINEAR)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img):
+    """PIL RGB -> float (3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
+
+
+class ImageDataset(Dataset):
+    """Base of the image datasets: subclasses provide load(i) -> PIL RGB image. train=True augments."""
+
+    def __init__(self, size, train, aug_scale=1.0, seed=0):
+        self.size, self.train, self.aug_scale, self.seed = size, train, aug_scale, seed
+        self.epoch = 0  # set by the training loop; workers are re-created each epoch and see it
+
+    def __getitem__(self, i):
+        img = self.load(i)
+        if self.train:
+            rng = random.Random((self.seed * 1_000_003 + self.epoch) * 100_000_019 + i)
+            return to_tensor(train_crop(img, self.size, self.aug_scale, rng))
+        return to_tensor(eval_crop(img, self.size))
+
+
+class ImageFolder(ImageDataset):
+    """Image files. An unreadable file is logged and replaced by the next readable one, so one bad file
+    never stops a run halfway through an epoch; many in a row mean the folder is broken, and that raises."""
+
+    MAX_CONSECUTIVE_FAILURES = 20
+
+    def __init__(self, paths, size, train, aug_scale=1.0, seed=0, root=None):
+        super().__init__(size, train, aug_scale, seed)
+        self.paths, self.root = paths, root  # root: the folder the paths were found under
+
+    def __len__(self):
+        return len(self.paths)
+
+    def load(self, i):
+        for k in range(min(self.MAX_CONSECUTIVE_FAILURES, len(self.paths))):
+            path = self.paths[(i + k) % len(self.paths)]
+            try:
+                with Image.open(path) as img:
+                    return img.convert("RGB")
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+        raise RuntimeError(f"{self.MAX_CONSECUTIVE_FAILURES} consecutive images from {self.paths[i]} on could not "
+                           f"be read: the data folder looks corrupt")
+
+
+class SyntheticImages(ImageDataset):
+    """Procedurally generated images (gradients, shapes, texture), a fixed image per index, so the
+    script runs anywhere without a download. Not a benchmark: only for trying the pipeline."""
+
+    def __init__(self, n, size, train, aug_scale=1.0, seed=0, offset=0):
+        super().__init__(size, train, aug_scale, seed)
+        self.n, self.offset = n, offset  # offset keeps validation images apart from training ones
+
+    def __len__(self):
+        return self.n
+
+    def load(self, i):
+        rng = np.random.default_rng(self.offset + i)
+        s = self.size
+        yy, xx = np.mgrid[0:s, 0:s] / s
+        angle = rng.uniform(0, 2 * np.pi)
+        ramp = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        freq, phase = rng.uniform(2, 12), rng.uniform(0, 2 * np.pi)
+        texture = 20 * np.sin(2 * np.pi * freq * (xx + ramp[..., 0]) + phase)[..., None]
+        img = Image.fromarray(np.clip(c0 + (c1 - c0) * ramp + texture, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for _ in range(rng.integers(2, 8)):
+            x0, y0 = rng.uniform(-0.2, 1, 2) * s
+            x1, y1 = x0 + rng.uniform(0.1, 0.6) * s, y0 + rng.uniform(0.1, 0.6) * s
+            shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+            shape((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
+
+
+
+def load_split(data, split, size, train=False, aug_scale=1.0, limit=None, seed=0):
+    """The images of one split, as every script reads them. data: a folder searched recursively, its
+    `split`/ subfolder when it has both train/ and val/ (as ImageNet does; otherwise every split is the
+    folder itself), or 'synthetic'. train=True augments (train_crop), else the eval crop. limit: keep only
+    a fixed random subset of that many images."""
+    if data == "synthetic":
+        if split == "train":
+            return SyntheticImages(limit or 100_000, size, train, aug_scale, seed)
+        return SyntheticImages(limit or 1_000, size, train, aug_scale, seed, offset=10**9)
+    root = data
+    if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "val")):
+        root = os.path.join(data, split)
+    paths = find_images(root)
+    if limit:
+        paths = sorted(random.Random(0).sample(paths, min(limit, len(paths))))
+    return ImageFolder(paths, size, train, aug_scale, seed, root=root)
+
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way through, for exact resumption."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        """skip: how many of this rank's samples of the epoch were already used."""
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+def train_loader(dataset, local_batch, rank, world_size, seed, workers):
+    """Loader over this rank's share of a shuffled epoch. Incomplete batches are dropped on every rank, so
+    global batch i holds the same images whatever the number of ranks."""
+    sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
+                        pin_memory=torch.cuda.is_available(), drop_last=True)
+    return loader, sampler
+
