@@ -8,10 +8,18 @@ with Euler steps; a distilled decoder does it in one step: x = e + D(e, 1, z).
 State-dict keys and numerics follow the official code, so its checkpoints load unchanged. This file needs
 only torch and the standard library: copy it into your project.
 """
+import hashlib
+import http.client
 import json
 import math
 import os
+import re
 import struct
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import torch
 import torch.nn as nn
@@ -19,15 +27,20 @@ import torch.nn.functional as F
 
 # decoder sizes: base channels, channel multipliers per level, transformer depth
 DECODER_SIZES = {
+    "XS": (32, (1, 2, 3, 3), 8),
     "S": (48, (1, 2, 3, 3), 8),
     "B": (64, (1, 2, 3, 3), 10),
     "M": (96, (1, 2, 3, 3), 12),
     "L": (96, (1, 2, 4, 4), 16),
     "XL": (128, (1, 2, 4, 4), 16),
     "H": (192, (1, 2, 4, 4), 16),
+    "XH": (256, (1, 2, 4, 4), 16),
+    "G": (384, (1, 2, 4, 4), 16),
 }
 WINDOW = 8  # every token attends to the (2 * WINDOW - 1)^2 tokens around it
-TIME_POWER = 4  # Euler grid t_i = (1 - i / N) ** TIME_POWER
+# Euler grid t_i = (1 - i / N) ** power: 2 in the authors' update, 4 in their first release. A sampler setting
+# (training draws t from a logit-normal), kept in a checkpoint's header; checkpoints without it use 2.
+TIME_POWER = 2.0
 
 
 def decoder_config(size):
@@ -490,26 +503,46 @@ def sample_posterior(mean, logvar, noise=None):
     return mean + (0.5 * logvar).exp() * (torch.randn_like(mean) if noise is None else noise)
 
 
-def time_grid(steps, device=None):
-    """Euler time points t_i = (1 - i / N)^4, i = 0..N, from 1 (noise) to 0 (image)."""
-    return (1 - torch.arange(steps + 1, dtype=torch.float32, device=device) / steps) ** TIME_POWER
+def time_grid(steps, power=TIME_POWER, device=None):
+    """Euler time points t_i = (1 - i / N)^power, i = 0..N, from 1 (noise) to 0 (image)."""
+    return (1 - torch.arange(steps + 1, dtype=torch.float32, device=device) / steps) ** power
+
+
+def decoder_spec(decoder):
+    """The widths, depth and heads of a decoder size: a name of DECODER_SIZES, or a dict of those three keys
+    (four level widths, multiples of 32 for the group norms; heads dividing the last width). Anything else
+    is a one-line ValueError saying what is wrong, before a layer is built."""
+    if isinstance(decoder, str):
+        if decoder not in DECODER_SIZES:
+            raise ValueError(f"decoder size must be one of {list(DECODER_SIZES)} or a dict of widths, depth and "
+                             f"heads; got {decoder!r}")
+        return decoder_config(decoder)
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if not isinstance(decoder, dict) or sorted(decoder) != ["depth", "heads", "widths"]:
+        raise ValueError(f"a custom decoder size is a dict of exactly widths, depth and heads; got {decoder!r}")
+    widths, depth, heads = decoder["widths"], decoder["depth"], decoder["heads"]
+    if not (isinstance(widths, (list, tuple)) and len(widths) == 4
+            and all(is_int(w) and w > 0 and w % 32 == 0 for w in widths)):
+        raise ValueError(f"decoder widths must be 4 positive multiples of 32; got {widths!r}")
+    if not is_int(depth) or depth < 1:
+        raise ValueError(f"decoder depth must be an integer of at least 1; got {depth!r}")
+    if not is_int(heads) or heads < 1 or widths[-1] % heads:
+        raise ValueError(f"decoder heads must be a positive integer dividing the last width {widths[-1]}; "
+                         f"got {heads!r}")
+    return dict(widths=tuple(widths), depth=depth, heads=heads)
 
 
 class SSDD(nn.Module):
     def __init__(self, encoder="f8c4", decoder="M"):
         super().__init__()
         factor, z_channels = parse_encoder_name(encoder)
-        if isinstance(decoder, str):
-            if decoder not in DECODER_SIZES:
-                raise ValueError(f"decoder size must be one of {list(DECODER_SIZES)}; got {decoder!r}")
-            dec = decoder_config(decoder)
-        else:
-            dec = dict(widths=tuple(decoder["widths"]), depth=decoder["depth"], heads=decoder["heads"])
+        dec = decoder_spec(decoder)
         self.config = dict(encoder=encoder, decoder=decoder if isinstance(decoder, str) else dec)
         self.factor = factor
         self.encoder = Encoder(factor, z_channels)
         self.decoder = Decoder(z_channels, factor, **dec)
         self.default_steps = 8
+        self.time_power = TIME_POWER
         self.latent_mean, self.latent_std = None, None  # dataset statistics of the latents, when known
         self.apply(init_weights)
         for m in self.decoder.modules():  # residual branches start as the identity
@@ -530,13 +563,15 @@ class SSDD(nn.Module):
         return sample_posterior(mean, logvar) if sample else mean
 
     @torch.no_grad()
-    def decode(self, z, steps=None, noise=None, generator=None):
-        """Euler sampling from noise at t = 1 to the image at t = 0; steps=1 is the single-step decode."""
+    def decode(self, z, steps=None, noise=None, generator=None, time_power=None):
+        """Euler sampling from noise at t = 1 to the image at t = 0 on the grid (1 - i / steps)^time_power;
+        steps=1 is the single-step decode. steps and time_power default to the model's default_steps and
+        time_power."""
         steps = steps or self.default_steps
         B, _, h, w = z.shape
         if noise is None:
             noise = torch.randn(B, 3, h * self.factor, w * self.factor, generator=generator, device=z.device)
-        ts = time_grid(steps, z.device)
+        ts = time_grid(steps, time_power or self.time_power, z.device)
         x = noise.float()  # the Euler sum stays in float32 under autocast
         for i in range(steps):
             v = self.decoder(x, ts[i].expand(B), z)
@@ -580,23 +615,51 @@ class SSDD(nn.Module):
 
     def save(self, path, **metadata):
         """Write the weights in the official layout as .safetensors, with config and defaults in its header."""
-        meta = dict(config=self.config, default_steps=self.default_steps, **metadata)
+        meta = dict(config=self.config, default_steps=self.default_steps, time_power=self.time_power, **metadata)
         if self.latent_mean is not None:
             meta.update(latent_mean=self.latent_mean, latent_std=self.latent_std)
         save_safetensors(self.state_dict(), path, {k: json.dumps(v) for k, v in meta.items()})
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu"):
-        """Load an official or our .safetensors checkpoint; the configuration is read off the tensor shapes."""
+    def from_checkpoint(cls, path, device="cpu", sha256=None):
+        """Load an official or our .safetensors checkpoint; the configuration is read off the tensor shapes,
+        default_steps, time_power and the latent statistics off its metadata (official checkpoints have none:
+        8 steps on the power-2 grid).
+        path may be an https:// URL, downloaded once into the torch hub cache and checked against sha256 (see
+        download); the file is parsed, never unpickled."""
+        if str(path).startswith(("https://", "http://")):
+            path = download(path, sha256)
         tensors, meta = load_safetensors(path)
+        # a default of more than 1000 steps is no sampler setting (the network is fed 1000 t), only a way for
+        # a file to make decode() run for hours
+        steps = metadata_number(meta, "default_steps", path, True, lambda n: 1 <= n <= 1000,
+                                "an integer from 1 to 1000", 8)
+        power = metadata_number(meta, "time_power", path, False, lambda p: 0 < p <= 10, "a number in (0, 10]",
+                                TIME_POWER)
+        if ("latent_mean" in meta) != ("latent_std" in meta):
+            raise ValueError(f"{path}: metadata holds only one of latent_mean and latent_std")
+        mean = metadata_number(meta, "latent_mean", path, False, math.isfinite, "a finite number", None)
+        std = metadata_number(meta, "latent_std", path, False, lambda s: 0 < s < math.inf, "a finite number > 0", None)
         encoder, decoder = infer_config(tensors, path)
         with torch.device("meta"):
             model = cls(encoder, decoder)
-        check_state_dict(model, tensors, path)
+        check_state_dict({k: v.shape for k, v in model.state_dict().items()}, tensors, f"{path} does not match "
+                         f"SSDD(encoder={model.config['encoder']!r}, decoder={model.config['decoder']!r}):")
         model.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
-        model.default_steps = int(json.loads(meta.get("default_steps", "8")))
-        if "latent_mean" in meta:
-            model.latent_mean, model.latent_std = float(json.loads(meta["latent_mean"])), float(json.loads(meta["latent_std"]))
+        model.default_steps, model.time_power, model.latent_mean, model.latent_std = steps, power, mean, std
+        return model.to(device).eval()
+
+    @classmethod
+    def from_sd_vae(cls, path="sd-vae-ft-mse", decoder="M", device="cpu", sha256=None):
+        """An SSDD whose f8c4 encoder is the SD-VAE ("kl-f8") encoder, with a fresh decoder of size `decoder`
+        to train on its latent space. `path`: a local .safetensors file in the original LDM or in diffusers'
+        AutoencoderKL layout, a URL (downloaded once, see download), or "sd-vae-ft-mse" for SD_VAE_URL. The
+        VAE's decoder is ignored; ft-ema, ft-mse and the original SD-VAE share this encoder. Any VAE of these
+        shapes loads (the SDXL VAE too, a different latent space). Latent diffusion models (Stable Diffusion
+        1.x/2.x, DiT, SiT) train on SD-VAE latents times 0.18215; this decoder takes the unscaled latent, so
+        decode their samples with model.decode(latents / 0.18215)."""
+        model = cls("f8c4", decoder)
+        model.encoder.load_state_dict(encoder_weights(path, sha256, sd_vae=True))
         return model.to(device).eval()
 
 
@@ -609,35 +672,208 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
 
 
-def infer_config(tensors, path):
-    """Encoder name and decoder size (a name, or widths/depth/heads) from checkpoint tensor shapes."""
+def metadata_number(meta, key, path, integer, valid, rule, default):
+    """meta[key], a number written as JSON text (an integer when integer), checked by valid; default when the
+    field is absent. Anything else is a ValueError naming the file and the field."""
+    if key not in meta:
+        return default
     try:
-        levels = len({k.split(".")[2] for k in tensors if k.startswith("encoder.down.")})
-        encoder = f"f{2 ** (levels - 1)}c{tensors['encoder.conv_out.weight'].shape[0] // 2}"
-        widths = tuple(tensors[f"decoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0] for i in range(4))
-        tables = [k for k in tensors if k.endswith("relative_bias_table")]
-        decoder = dict(widths=widths, depth=len(tables), heads=tensors[tables[0]].shape[-1])
-    except (KeyError, IndexError) as e:
-        raise ValueError(f"{path} is not an SSDD checkpoint: no tensor {e}") from None
+        v = json.loads(meta[key])
+        # JSON true is a Python int; float() of a 400-digit integer overflows
+        v = (int(v) if integer else float(v)) if type(v) is int or (type(v) is float and not integer) else None
+    except (ValueError, RecursionError, OverflowError):
+        v = None
+    if v is None or not valid(v):
+        raise ValueError(f"{path}: metadata field {key!r} must be {rule}; got {meta[key][:40]!r}")
+    return v
+
+
+# Bounds on a configuration read off a checkpoint's shapes, far past the largest published one (G: widths up
+# to 1536, depth 16, 16 heads; encoders f8c4 to f16c8). from_checkpoint builds the model the shapes describe
+# (on the meta device) before it checks every key: unbounded, a crafted 4 MB file of 50,000 empty
+# relative_bias_table tensors made it build 50,000 transformer blocks (65 s, 2.8 GB) before the error.
+MAX_WIDTH, MAX_DEPTH, MAX_ENCODER_LEVELS, MAX_Z_CHANNELS = 4096, 64, 7, 1024
+
+
+def infer_config(tensors, path):
+    """Encoder name and decoder size (a name, or widths/depth/heads) from checkpoint tensor shapes, within the
+    bounds above; check_state_dict then compares every key and shape with the model they describe."""
+    def bad(why):
+        return ValueError(f"{path} is not an SSDD checkpoint: {why}")
+
+    def size(key, ndim, axis):
+        if key not in tensors:
+            raise bad(f"no tensor {key!r}")
+        if tensors[key].ndim != ndim:
+            raise bad(f"tensor {key!r} has shape {tuple(tensors[key].shape)}, expected {ndim} dimensions")
+        return tensors[key].shape[axis]
+
+    levels = len({k.split(".")[2] for k in tensors if k.startswith("encoder.down.")})
+    if not 2 <= levels <= MAX_ENCODER_LEVELS:
+        raise bad(f"{levels} encoder levels (encoder.down.*), expected 2 to {MAX_ENCODER_LEVELS}")
+    z2 = size("encoder.conv_out.weight", 4, 0)  # mean and log-variance
+    if z2 % 2 or not 2 <= z2 <= 2 * MAX_Z_CHANNELS:
+        raise bad(f"encoder.conv_out.weight has {z2} output channels, expected 2C with C from 1 to {MAX_Z_CHANNELS}")
+    widths = tuple(size(f"decoder.down_blocks.{i}.resnets.0.conv1.weight", 4, 0) for i in range(4))
+    if not all(w % 32 == 0 and 32 <= w <= MAX_WIDTH for w in widths):  # GroupNorm(32) on every level
+        raise bad(f"decoder level widths {widths}, expected multiples of 32 up to {MAX_WIDTH}")
+    tables = [k for k in tensors if k.endswith("relative_bias_table")]
+    if not 1 <= len(tables) <= MAX_DEPTH:
+        raise bad(f"{len(tables)} relative_bias_table tensors (transformer depth), expected 1 to {MAX_DEPTH}")
+    heads = size(tables[0], 3, 2)
+    if heads < 1 or widths[-1] % heads:
+        raise bad(f"{heads} attention heads (in {tables[0]}) do not divide the width {widths[-1]}")
+    encoder = f"f{2 ** (levels - 1)}c{z2 // 2}"
+    decoder = dict(widths=widths, depth=len(tables), heads=heads)
     for name in DECODER_SIZES:
         if decoder_config(name) == decoder:
             return encoder, name
     return encoder, decoder
 
 
-def check_state_dict(model, tensors, path):
-    """Strict loading, with one readable message naming every missing, unexpected or mis-shaped key."""
-    own = model.state_dict()
-    missing = sorted(own.keys() - tensors.keys())
-    unexpected = sorted(tensors.keys() - own.keys())
-    shapes = [f"{k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(own[k].shape)}"
-              for k in sorted(own.keys() & tensors.keys()) if tensors[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        lines = [f"{path} does not match SSDD(encoder={model.config['encoder']!r}, decoder={model.config['decoder']!r}):"]
-        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+def check_state_dict(shapes, tensors, heading, file_name="checkpoint", own_name="model"):
+    """Strict loading: tensors must hold exactly the keys of shapes ({key: shape}) with those shapes, or a
+    ValueError of the heading and a line counting the missing, unexpected and mis-shaped keys, naming the first
+    ten of each."""
+    missing = sorted(shapes.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - shapes.keys())
+    mismatched = [f"{k}: {file_name} {tuple(tensors[k].shape)}, {own_name} {tuple(shapes[k])}"
+                  for k in sorted(shapes.keys() & tensors.keys()) if tensors[k].shape != shapes[k]]
+    if missing or unexpected or mismatched:
+        lines = [heading]
+        for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
             if keys:
                 lines.append(f"  {len(keys)} {what}: " + ", ".join(keys[:10]) + (" ..." if len(keys) > 10 else ""))
         raise ValueError("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The SD-VAE encoder. Stable Diffusion's "kl-f8" VAE encoder has our f8c4 encoder's architecture and shapes.
+# Its files name the weights as the original LDM code does (our names, but quant_conv for our out_proj) or as
+# diffusers' AutoencoderKL does.
+
+SD_VAE_URL = "https://huggingface.co/stabilityai/sd-vae-ft-mse/resolve/main/diffusion_pytorch_model.safetensors"
+# diffusers' encoder names -> LDM names, applied in order; older diffusers versions named the attention
+# projections query/key/value/proj_attn
+DIFFUSERS_TO_LDM = [
+    (r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block."),
+    (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample."),
+    (r"^encoder\.mid_block\.resnets\.0\.", "encoder.mid.block_1."),
+    (r"^encoder\.mid_block\.resnets\.1\.", "encoder.mid.block_2."),
+    (r"^encoder\.mid_block\.attentions\.0\.", "encoder.mid.attn_1."),
+    (r"\.attn_1\.group_norm\.", ".attn_1.norm."),
+    (r"\.attn_1\.(to_q|query)\.", ".attn_1.q."),
+    (r"\.attn_1\.(to_k|key)\.", ".attn_1.k."),
+    (r"\.attn_1\.(to_v|value)\.", ".attn_1.v."),
+    (r"\.attn_1\.(to_out\.0|proj_attn)\.", ".attn_1.proj_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+    (r"^encoder\.conv_norm_out\.", "encoder.norm_out."),
+]
+
+
+def encoder_weights(path, sha256=None, sd_vae=False):
+    """The encoder state dict of an SSDD checkpoint or of an SD-VAE file in either layout, told apart by the
+    SD-VAE's quant_conv (sd_vae: only an SD-VAE file will do). A URL, or "sd-vae-ft-mse" for SD_VAE_URL, is
+    downloaded once (see download)."""
+    # the hub's file name is generic: cache the named VAE under its own name
+    url, name = (SD_VAE_URL, "sd-vae-ft-mse.safetensors") if path == "sd-vae-ft-mse" else (str(path), None)
+    if url.startswith(("https://", "http://")):
+        path = download(url, sha256, hint="pass the path of a local .safetensors file", file_name=name)
+    tensors, _ = load_safetensors(path)
+    if not sd_vae and "quant_conv.weight" not in tensors:
+        return SSDD.from_checkpoint(path).encoder.state_dict()
+    with torch.device("meta"):  # only the names and shapes
+        encoder = Encoder(8, 4)
+    return sd_vae_encoder_weights(tensors, encoder, path)
+
+
+def sd_vae_encoder_weights(tensors, encoder, path):
+    """The state dict of `encoder` (an f8c4 Encoder) from the tensors of an SD-VAE file in either
+    layout, detected from the keys. Strict: every encoder tensor present with its shape, no other encoder
+    tensor; the VAE's decoder tensors are ignored."""
+    if any(k.startswith("encoder.down.") for k in tensors):
+        renames = []
+    elif any(k.startswith("encoder.down_blocks.") for k in tensors):
+        renames = DIFFUSERS_TO_LDM
+    else:
+        raise ValueError(f"{path} holds no SD-VAE encoder: no encoder.down.* (LDM layout) or encoder.down_blocks.* "
+                         "(diffusers layout) tensors; a decoder-only file, or not a VAE?")
+    found = {}
+    for key, t in tensors.items():
+        if key.startswith(("encoder.", "quant_conv.")):
+            for pattern, new in renames:
+                key = re.sub(pattern, new, key)
+            # diffusers' attention projections are Linear layers, the LDM ones 1x1 convs
+            found[key] = t[:, :, None, None] if ".attn_1." in key and t.ndim == 2 else t
+    own = {("quant_conv." + k[len("out_proj."):] if k.startswith("out_proj.") else "encoder." + k): (k, v.shape)
+           for k, v in encoder.state_dict().items()}
+    check_state_dict({name: shape for name, (_, shape) in own.items()}, found,
+                     f"{path} does not hold the SD-VAE (kl-f8) encoder (LDM names shown):", "file", "SD-VAE")
+    return {k: found[name] for name, (k, _) in own.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# downloads into the torch hub cache, with urllib: once, verified, and atomic, so that an interrupted or
+# corrupt download never leaves a file under the name the next call trusts
+
+def download(url, sha256=None, hint=None, file_name=None):
+    """Local path of the file at url, downloaded into <torch hub dir>/checkpoints/<file_name or the URL's file
+    name> on first use and served from there afterwards, without network. sha256: the expected hex digest, or
+    a prefix of it (torch.hub names files name-<prefix>.pth; names are not parsed here, as a name such as
+    ssdd-f8c4.safetensors holds hex too). Files are cached by name, so when sha256 is given a cached file is
+    hashed again: a file of the same name from another URL, or a wrong one put there by hand, is an error.
+    hint: what else the user can do, ending the offline error "..., or {hint}" (e.g. "pass --weights FILE").
+    Every failure raises a one-line RuntimeError; the download ones say where to put the file by hand."""
+    file_name = file_name or os.path.basename(urllib.parse.urlparse(url).path)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+    sha256 = sha256 and sha256.lower()
+    if os.path.exists(path):
+        if sha256 and not (digest := file_sha256(path)).startswith(sha256):
+            raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256} for {url}: "
+                               f"another file of the same name? Remove it to download again")
+        return path
+
+    def unavailable(why):
+        return RuntimeError(f"could not download {url} ({why}); fetch it on a machine with internet access and "
+                            f"put it at {path}" + (f", or {hint}" if hint else ""))
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".part", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            h, n = hashlib.sha256(), 0
+            try:
+                with urllib.request.urlopen(url, timeout=60) as r:
+                    size = r.headers.get("Content-Length")
+                    print(f"downloading {url} to {path}", file=sys.stderr, flush=True)
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        h.update(chunk)
+                        n += len(chunk)
+            except urllib.error.HTTPError as e:
+                raise unavailable(f"HTTP {e.code} {e.reason}") from None
+            except (OSError, http.client.HTTPException) as e:  # offline, refused, reset or timed out
+                raise unavailable(getattr(e, "reason", e)) from None
+            if size is not None and n != int(size):  # urllib returns a body cut short as if it were whole
+                raise unavailable(f"the connection closed after {n} of its {size} bytes")
+            if sha256 and not h.hexdigest().startswith(sha256):
+                raise RuntimeError(f"{url} downloaded with sha256 {h.hexdigest()}, expected {sha256}: "
+                                   f"corrupt, or the file changed; not kept")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
+    return path
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -648,32 +884,93 @@ def check_state_dict(model, tensors, path):
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
-MAX_HEADER = 100 * 1024 * 1024
+# A G checkpoint's header is 73 kB (592 tensors). 2 MiB leaves room for far larger models and metadata, and
+# bounds what json builds from a crafted header: 2 MiB of empty arrays is 0.2 to 0.5 s and 50 MB of Python
+# objects (the safetensors package allows 100 MB: 10 s and 2.5 GB).
+MAX_HEADER = 2 * 1024 * 1024
+MAX_ENTRIES = 10_000  # per JSON object (tensors and __metadata__); infer_config's largest model has 1,314 tensors
 
 
 def save_safetensors(tensors, path, metadata=None):
     """Write atomically: a crash mid-write never leaves a truncated file under the final name."""
     names = {v: k for k, v in DTYPES.items()}
-    header, offset, blobs = {}, 0, []
+    header, offset = {}, 0
     if metadata:
         header["__metadata__"] = metadata
     for key in sorted(tensors):
-        t = tensors[key].detach().to("cpu").contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[key] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(data)])
-        blobs.append(data)
-        offset += len(data)
+        t = tensors[key]
+        header[key] = dict(dtype=names[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + t.nbytes])
+        offset += t.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for data in blobs:
+        for key in sorted(tensors):
+            # one copy, from any device and memory layout, into the bytes written (bool and every other dtype
+            # read as raw bytes)
+            data = bytearray(tensors[key].nbytes)
+            if data:
+                torch.frombuffer(data, dtype=torch.uint8).copy_(tensors[key].detach().reshape(-1).view(torch.uint8))
             f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    replace_durably(tmp, path)
+
+
+def replace_durably(tmp, path):
+    """Rename the written and fsynced file tmp over path, then fsync the directory: without it a power loss
+    can lose the rename and leave the old file (or none) under path."""
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unique_keys(pairs):
+    """json's object_pairs_hook: a dict, refusing duplicate keys (json keeps the last, other readers may keep
+    the first) and objects of more than MAX_ENTRIES entries."""
+    if len(pairs) > MAX_ENTRIES:
+        raise ValueError(f"an object of {len(pairs)} entries, the limit is {MAX_ENTRIES}")
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {clipped(k)}")
+        d[k] = v
+    return d
+
+
+def clipped(x):
+    """repr(x) cut to 100 characters, for messages: a crafted value can be megabytes long."""
+    r = repr(x)
+    return r if len(r) <= 100 else r[:100] + "..."
+
+
+def short_int(digits):
+    """json's parse_int: sizes and offsets fit in 20 digits. Without it json converts integers of any length
+    up to Python's limit of 4300 digits (none when lifted), and past it raises an error that names no file."""
+    if len(digits) > 20:
+        raise ValueError(f"an integer of {len(digits)} digits")
+    return int(digits)
+
+
+def checked_numel(shape):
+    """The element count of a header's shape, or None unless it is a list of sizes >= 0 whose product, zeros
+    taken as ones, fits torch's int64 (else reshape fails, even for an empty tensor). Multiplied step by step:
+    math.prod of the 100,000 20-digit sizes a header can hold takes a minute."""
+    if not isinstance(shape, list):
+        return None
+    numel, bound = 1, 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return None
+        numel, bound = numel * d, bound * max(d, 1)
+        if bound >= 2 ** 63:
+            return None
+    return numel
 
 
 def load_safetensors(path):
@@ -689,28 +986,32 @@ def load_safetensors(path):
         if n > MAX_HEADER or 8 + n > size:
             raise bad(f"header length {n} exceeds the limit or the file size ({size} bytes)")
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"header is not JSON ({e})") from None
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=unique_keys, parse_int=short_int)
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+            raise bad(f"unreadable JSON header ({e})") from None
         data = bytearray(f.read())
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent, or null as the safetensors package accepts
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise bad("__metadata__ must map strings to strings")
     spans = []
     for key, info in header.items():
-        if not isinstance(info, dict) or info.get("dtype") not in DTYPES:
+        if not isinstance(info, dict) or not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
             raise bad(f"tensor {key!r} has no supported dtype")
         shape, offsets = info.get("shape"), info.get("data_offsets")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise bad(f"tensor {key!r} has an invalid shape {shape!r}")
+        numel = checked_numel(shape)
+        if numel is None:
+            raise bad(f"tensor {key!r} has an invalid shape {clipped(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= len(data)):
-            raise bad(f"tensor {key!r} has data offsets {offsets!r} outside the {len(data)} data bytes (truncated file?)")
-        nbytes = math.prod(shape) * DTYPES[info["dtype"]].itemsize
+            raise bad(f"tensor {key!r} has data offsets {clipped(offsets)} outside the {len(data)} data bytes (truncated file?)")
+        nbytes = numel * DTYPES[info["dtype"]].itemsize
         if offsets[1] - offsets[0] != nbytes:
-            raise bad(f"tensor {key!r} of shape {shape} and dtype {info['dtype']} needs {nbytes} bytes, its offsets give {offsets[1] - offsets[0]}")
+            raise bad(f"tensor {key!r} of shape {clipped(shape)} and dtype {info['dtype']} needs {nbytes} bytes, "
+                      f"its offsets give {offsets[1] - offsets[0]}")
         spans.append((offsets[0], offsets[1], key))
     end = 0
     for start, stop, key in sorted(spans):
@@ -727,59 +1028,3 @@ def load_safetensors(path):
         tensors[key] = t.reshape(info["shape"])
     return tensors, metadata
 
-
-if __name__ == "__main__":
-    # Decode (and encode) throughput on random weights: python model.py --size M --im 256 --batch 64 --compile
-    import argparse
-    import time
-
-    p = argparse.ArgumentParser(description="SSDD decode/encode throughput benchmark")
-    p.add_argument("--encoder", default="f8c4")
-    p.add_argument("--size", default="M", choices=list(DECODER_SIZES))
-    p.add_argument("--im", type=int, default=256)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=1)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--profile", action="store_true", help="print the kernels that take the decode time")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    dev = torch.device(args.device)
-    m = SSDD(args.encoder, args.size).to(dev).eval()
-    if args.channels_last:
-        m = m.to(memory_format=torch.channels_last)
-    if args.compile:
-        m.encoder, m.decoder = torch.compile(m.encoder), torch.compile(m.decoder)
-    x = torch.rand(args.batch, 3, args.im, args.im, device=dev) * 2 - 1
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def timed(fn):
-        with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            for _ in range(2):  # warm-up (and compilation)
-                out = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            for _ in range(args.iters):
-                out = fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        return out, args.batch * args.iters / (time.perf_counter() - start)
-
-    z, enc_speed = timed(lambda: m.encode(x))
-    _, dec_speed = timed(lambda: m.decode(z, steps=args.steps))
-    mem = f", peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if dev.type == "cuda" else ""
-    if args.profile:
-        with torch.profiler.profile() as prof, torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            m.decode(z, steps=args.steps)
-        sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
-    where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"{args.encoder} {args.size} {args.im}px batch {args.batch} {args.steps} step(s) "
-          f"{'compiled' if args.compile else 'eager'}{' channels-last' if args.channels_last else ''} on {where}: "
-          f"decode {dec_speed:.1f} img/s, encode {enc_speed:.1f} img/s{mem}")
