@@ -32,7 +32,8 @@ def resize_short_side(img, short, resample):
 
 
 def train_crop(img, size, aug_scale, rng):
-    """Short side resized (Lanczos) to a random length in [size, aug_scale * size), random crop, random flip."""
+    """Short side resized (Lanczos) to a random length in [size, aug_scale * size), or to size when aug_scale is
+    1 (no scale augmentation, the official default), then a random crop and a random flip."""
     short = rng.randrange(size, math.ceil(aug_scale * size)) if aug_scale > 1 else size
     img = resize_short_side(img, short, Image.LANCZOS)
     w, h = img.size
@@ -60,6 +61,7 @@ class ImageDataset(Dataset):
     def __init__(self, size, train, aug_scale=1.0, seed=0):
         self.size, self.train, self.aug_scale, self.seed = size, train, aug_scale, seed
         self.epoch = 0  # set by the training loop; workers are re-created each epoch and see it
+        self.note = ""  # how the split was made, when that needs saying (held_out): printed by the scripts
 
     def __getitem__(self, i):
         img = self.load(i)
@@ -86,8 +88,7 @@ class ImageFolder(ImageDataset):
         for k in range(min(self.MAX_CONSECUTIVE_FAILURES, len(self.paths))):
             path = self.paths[(i + k) % len(self.paths)]
             try:
-                with Image.open(path) as img:
-                    return img.convert("RGB")
+                return fid.open_rgb(path)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
         raise RuntimeError(f"{self.MAX_CONSECUTIVE_FAILURES} consecutive images from {self.paths[i]} on could not "
@@ -125,11 +126,28 @@ class SyntheticImages(ImageDataset):
 
 
 
-def load_split(data, split, size, train=False, aug_scale=1.0, limit=None, seed=0):
+def held_out(paths, split, root):
+    """The training scripts' split of a folder without train/ and val/: 1 image in 100 in sorted path order (1
+    in n // 2 of n < 200 images: at least one) is for validation and never trained on, so that the validation
+    figures are of unseen images, spread over the folder (over all classes of an ImageNet train/). Returns
+    (the split's paths, a note that says so)."""
+    every = min(100, max(2, len(paths) // 2))
+    if len(paths) < every:
+        raise FileNotFoundError(f"only {len(paths)} image under {root!r}: none to hold out for validation (a "
+                                f"folder without train/ and val/ gives 1 image in {every} to validation)")
+    if split == "val":
+        return paths[every - 1::every], (f" (1 in {every} of the images under {root}, held out of training: "
+                                         f"it has no train/ and val/)")
+    return [p for i, p in enumerate(paths) if (i + 1) % every], ""
+
+
+def load_split(data, split, size, train=False, aug_scale=1.0, limit=None, seed=0, holdout=False):
     """The images of one split, as every script reads them. data: a folder searched recursively, its
     `split`/ subfolder when it has both train/ and val/ (as ImageNet does; otherwise every split is the
     folder itself), or 'synthetic'. train=True augments (train_crop), else the eval crop. limit: keep only
-    a fixed random subset of that many images."""
+    the first that many images in sorted path order, the rule of the paper's "ImageNet-5K" (the first 5,000
+    ImageNet val images: classes 0-99). holdout: a folder without train/ and val/ is split by held_out
+    (the training scripts), instead of being the whole of every split (evaluate.py, latent_stats.py)."""
     if data == "synthetic":
         if split == "train":
             return SyntheticImages(limit or 100_000, size, train, aug_scale, seed)
@@ -137,10 +155,14 @@ def load_split(data, split, size, train=False, aug_scale=1.0, limit=None, seed=0
     root = data
     if os.path.isdir(os.path.join(data, "train")) and os.path.isdir(os.path.join(data, "val")):
         root = os.path.join(data, split)
-    paths = find_images(root)
+    paths, note = find_images(root), ""
+    if holdout and root == data:
+        paths, note = held_out(paths, split, root)
     if limit:
-        paths = sorted(random.Random(0).sample(paths, min(limit, len(paths))))
-    return ImageFolder(paths, size, train, aug_scale, seed, root=root)
+        paths = paths[:limit]
+    dataset = ImageFolder(paths, size, train, aug_scale, seed, root=root)
+    dataset.note = note
+    return dataset
 
 
 
@@ -161,6 +183,22 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.skip
+
+
+def batches(dataset, local_batch, rank, world_size, seed, workers, step, steps_per_epoch, total_steps):
+    """This rank's batches of training steps step + 1 .. total_steps, epoch after epoch: a run resumed at
+    `step` gets exactly the batches the uninterrupted run got (the epoch's order, and skipping its first
+    offset batches)."""
+    loader, sampler = train_loader(dataset, local_batch, rank, world_size, seed, workers)
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, skip=offset * local_batch)
+        dataset.epoch = epoch
+        for x in loader:
+            yield x
+            step += 1
+            if step >= total_steps:
+                return
 
 
 def train_loader(dataset, local_batch, rank, world_size, seed, workers):

