@@ -2,15 +2,18 @@
 
     python distill.py --teacher runs/tiny/ema.safetensors --data synthetic --im 64 --batch-size 8 --max-steps 100 \
         --lpips-weight 0 --repa-weight 0    # no downloads: runs anywhere
-    torchrun --nproc_per_node 8 distill.py --teacher runs/m256/ema.safetensors --data /imagenet --im 256
+    torchrun --nproc_per_node 8 distill.py --teacher runs/m256/best.safetensors --data /imagenet --im 256
 
-The teacher (the trained model's EMA weights, frozen) encodes each batch to its latent mean z, draws noise e
-and integrates its N-step Euler sampler from e to x_T. The student starts as a copy of the teacher and is
-trained at t = 1 on the same e and z, so its one-step output e + D(e, 1, z) regresses onto x_T:
-    L = MSE(v_hat, x_T - e) + 0.5 LPIPS_vgg(e + v_hat, x_T) + 0.25 REPA(real image).
-Only the decoder (and the REPA head) learns: the student keeps the teacher's encoder, so its latents are the
-teacher's and it can replace the teacher's decoder as it is. Data, optimizer, EMA, validation and the run
-directory are train_ae.py's (data.py, optim.py, runs.py). The saved models decode in one step by default.
+The teacher (the trained model's best EMA weights, frozen) encodes each batch to its latent mean z, draws
+noise e and integrates its N-step Euler sampler (12 steps on its checkpoint's time grid, as the authors'
+update of 2025-11-12 does) from e to x_T. The student starts as a copy of the teacher, with the REPA head
+saved beside it (*.repa.safetensors) when there is one, and is trained at t = 1 on the same e and z, so its
+one-step output e + D(e, 1, z) regresses onto x_T:
+    L = MSE(v_hat, x_T - e) + 0.5 LPIPS_vgg(e + v_hat, x_T) + 0.25 REPA(real image),
+plus, with --gan, the GAN losses with the teacher's samples as the critic's real images. Only the decoder
+(and the REPA head) learns: the student keeps the teacher's encoder, so its latents are the teacher's and it
+can replace the teacher's decoder as it is. Data, optimizer, EMA, validation and the run directory are
+train_ae.py's (data.py, optim.py, runs.py). The saved models decode in one step by default.
 """
 import argparse
 import copy
@@ -20,8 +23,6 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
@@ -33,135 +34,144 @@ from model import SSDD
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="SSDD .safetensors to distill (train_ae.py's ema.safetensors)")
-    p.add_argument("--teacher-steps", type=int, default=7, help="Euler steps of the teacher's samples")
+    p.add_argument("--teacher", required=True, help="SSDD .safetensors to distill (train_ae.py's best.safetensors)")
+    p.add_argument("--teacher-steps", type=int, default=12, help="Euler steps of the teacher's samples (the first "
+                   "release: 7)")
+    p.add_argument("--teacher-time-power", type=float, default=None, help="time grid of the teacher's sampler "
+                   "(default: the teacher checkpoint's, 2 in the authors' update; their first release used 4)")
     p.add_argument("--im", type=int, default=256, help="resolution, that of the teacher's last training stage")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--run-dir", default=None, help="default runs/distill-<date-time> (kept across torchrun's "
-                   "restarts); an existing run dir resumes")
+                   "restarts); one holding state.pt resumes; one with other files but no state.pt is refused")
     runs.add_run_args(p)
     return p.parse_args(argv)
 
 
+def check_args(args):
+    """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
+    runs.check_run_args(args)
+    runs.check_files(args, "teacher", url=True)
+    runs.check_at_least(args, 1, "teacher_steps")
+    runs.check_positive(args, "teacher_time_power")
+
+
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = runs.setup_distributed()
-    try:
-        distill(args, rank, world, device)
-    finally:
-        runs.cleanup_distributed()
+    check_args(args)
+    distill(args, *runs.setup_distributed())
+    runs.cleanup_distributed()
 
 
 def distill(args, rank, world, device):
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
-    if not os.path.isfile(args.teacher):
-        raise SystemExit(f"error: teacher checkpoint {args.teacher!r} does not exist")
-    if args.teacher_steps < 1:
-        raise SystemExit(f"error: --teacher-steps must be at least 1, got {args.teacher_steps}")
     local_batch = args.batch_size // world
     cuda = device.type == "cuda"
     if cuda:
         torch._inductor.config.force_layout_optimization = True  # see train_ae.py
+
+    # data, the teacher, and whether a step fits in memory: checked before the run directory is made
+    train_set, val_set, steps_per_epoch, total_steps = runs.training_data(args)
+    with runs.input_errors():
+        teacher = SSDD.from_checkpoint(args.teacher).requires_grad_(False)
+    runs.check_im(args.im, teacher.factor)
+    runs.check_memory(teacher.config, args, local_batch, device, train_encoder=False, teacher=True)
     run_dir, state_path, state = runs.open_run_dir(args.run_dir, "distill-", rank)
 
-    # data
-    train_set = data.load_split(args.data, "train", args.im, train=True, aug_scale=args.aug_scale, limit=args.limit,
-                                seed=args.seed)
-    val_set = data.load_split(args.data, "val", args.im, limit=args.limit)
-    if len(train_set) < args.batch_size:
-        raise SystemExit(f"error: {len(train_set)} training images, fewer than one batch of {args.batch_size}")
-    loader, sampler = data.train_loader(train_set, local_batch, rank, world, args.seed, args.num_workers)
-    steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
-
     # teacher, student (a copy of the teacher), EMA, optimizer; the seed makes the REPA head equal on every rank
-    try:
-        teacher = SSDD.from_checkpoint(args.teacher, device).requires_grad_(False)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+    teacher.to(device)
+    teacher.time_power = args.teacher_time_power or teacher.time_power
     torch.manual_seed(args.seed)
     student = SSDD.from_checkpoint(args.teacher)
     student.default_steps = 1
     raw = losses.TrainingLoss(student, train_encoder=False, repa=args.repa_weight > 0).to(device)
+    if state is None:
+        with runs.input_errors():
+            runs.load_repa_head(raw, args.teacher, rank)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
-    optimizer = optim.RAdamScheduleFree(optim.param_groups(raw.named_parameters(), optim.WEIGHT_DECAY), lr=args.lr)
+    optimizer = optim.RAdamScheduleFree(optim.param_groups(raw.named_parameters(), args.weight_decay), lr=args.lr)
+    critic = critic_optimizer = None
+    if args.gan:
+        critic, critic_optimizer = losses.new_critic(args.lr, args.weight_decay, device)
     step, best_rfid = 0, math.inf
     if state is not None:
-        step, best_rfid = runs.restore_training_state(state, raw, ema, optimizer, args, run_dir, rank)
+        step, best_rfid = runs.restore_training_state(state, raw, ema, optimizer, args, run_dir, rank, critic,
+                                                      critic_optimizer)
         del state
     optimizer.train()
-    weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight)
+    weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, gan=args.gan_weight)
 
     # the frozen networks of the losses, and the FID Inception for validation
-    lpips, dino = losses.loss_networks(args.lpips_weight, args.repa_weight, args.dinov2_weights, device)
-    inception = runs.load_inception_or_none(args.fid_weights, device, rank)
+    with runs.input_errors():
+        lpips, dino = losses.loss_networks(args.lpips_weight, args.repa_weight, args.dinov2_weights, device,
+                                           args.lpips_backbone, args.lpips_heads)
+        inception = runs.load_inception_or_none(args.fid_weights, device, rank)
 
     image_shape = (3, args.im, args.im)
     latent_shape = (student.decoder.z_channels, args.im // student.factor, args.im // student.factor)
     grid = args.im // 8  # the decoder's transformer works at 1/8 resolution
-    model = raw
+    model, lpips, dino, critic_model = runs.compile_and_wrap(raw, lpips, dino, critic, args.compile, device)
     if cuda if args.compile is None else args.compile:
-        model = torch.compile(model)
-        lpips = torch.compile(lpips) if lpips is not None else None
-        dino = torch.compile(dino) if dino is not None else None
         teacher.encoder, teacher.decoder = torch.compile(teacher.encoder), torch.compile(teacher.decoder)
-    if dist.is_initialized():
-        model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
 
     if rank == 0:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-        print(f"distilling {args.teacher} ({args.teacher_steps} steps) into one step: {len(train_set)} training / "
-              f"{len(val_set)} validation images, {steps_per_epoch} steps per epoch, {total_steps} steps, run dir {run_dir}")
-    log = runs.RunLog(run_dir, rank)
+        print(f"distilling {args.teacher} ({args.teacher_steps} steps, time power "
+              f"{teacher.time_power:g}) into one step: {len(train_set)} training / "
+              f"{len(val_set)} validation images{val_set.note}, {steps_per_epoch} steps per epoch, {total_steps} steps, run dir {run_dir}")
+    log = runs.RunLog(run_dir, rank, step)
     window = runs.LogWindow(device)
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0 = time.time()
     model.train()
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch, skip=offset * local_batch)
-        train_set.epoch = epoch
-        for x in loader:
-            x = x.to(device, non_blocking=True)
-            # train_ae's per-sample noise (independent of the number of ranks, repeated on resume); t and the
-            # posterior noise are unused: t is 1 and z the teacher's mean
-            _, noise, _ = losses.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world, device)
-            with runs.autocast(device):
-                with torch.no_grad():
-                    z = teacher.encode(x)
-                    x_T = teacher.decode(z, steps=args.teacher_steps, noise=noise)
-                    target = dino(losses.dinov2_input(x, grid)) if dino is not None else None
-                # at t = 1 the decoder input is exactly the noise, the target velocity x_T - e, x0_hat = e + v_hat
-                terms, out = model(x_T, torch.ones(len(x), device=device), noise, z=z, dino_tokens=target)
-                if lpips is not None:
-                    terms["lpips"] = lpips(out["x0_hat"], x_T).float().mean()
-            loss = sum(weights[k] * v for k, v in terms.items())
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.GRAD_CLIP)
-            runs.stop_unless_finite(loss, grad_norm, terms, step, state_path)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            optim.update_ema(ema, student, optimizer, optim.EMA_DECAY if step > args.ema_start else 0.0)
-            window.add(dict(loss=loss, grad_norm=grad_norm, **terms), time.time() - t0)  # .item() above synchronised
-            pbar.update(1)
+    for x in data.batches(train_set, local_batch, rank, world, args.seed, args.num_workers, step, steps_per_epoch,
+                          total_steps):
+        x = x.to(device, non_blocking=True)
+        # train_ae's per-sample noise (independent of the number of ranks, repeated on resume); t and the
+        # posterior noise are unused: t is 1 and z the teacher's mean
+        _, noise, _ = losses.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world, device)
+        t = torch.ones(len(x), device=device)
+        gan_on = critic is not None and step >= args.gan_start
+        with runs.autocast(device):
+            with torch.no_grad():
+                z = teacher.encode(x)
+                x_T = teacher.decode(z, steps=args.teacher_steps, noise=noise)
+                target = dino(losses.dinov2_input(x, grid)) if dino is not None else None
+            # at t = 1 the decoder input is exactly the noise, the target velocity x_T - e, x0_hat = e + v_hat
+            terms, out = model(x_T, t, noise, z=z, dino_tokens=target)
+            if lpips is not None:
+                terms["lpips"] = lpips(out["x0_hat"], x_T).float().mean()
+            if gan_on:
+                terms["gan"] = losses.generator_gan_loss(critic, out["x0_hat"], out["x_t"], t)
+        loss = sum(weights[k] * v for k, v in terms.items())
+        loss.backward()
+        norms = raw.clip_grad_norms()  # the student's and the REPA head's, each clipped on its own
+        if gan_on:  # the critic's loss and gradient, the teacher's samples as the real images
+            terms["critic"], norms["critic_grad_norm"] = losses.critic_backward(critic_model, x_T, out["x0_hat"],
+                                                                                out["x_t"], t)
+        logged = dict(loss=loss, **norms, **terms)
+        runs.stop_unless_finite(logged, step, state_path)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if gan_on:
+            critic_optimizer.step()
+            critic_optimizer.zero_grad(set_to_none=True)
+        step += 1
+        optim.update_ema(ema, student, optimizer, optim.ema_decay(step, args.ema_start))
+        window.add(logged, time.time() - t0)  # .item() above synchronised
+        pbar.update(1)
 
-            if step % args.log_every == 0 or step == total_steps:
-                record = window.record(step, steps_per_epoch, optimizer.param_groups[0]["scheduled_lr"], args.batch_size)
-                log(record)
-                pbar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
-            if step % args.eval_every == 0 or step == total_steps:  # the EMA student, in one step (its default)
-                best_rfid = runs.validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid,
-                                          rank, log, teacher=args.teacher)
-            if step % args.ckpt_every == 0 or step == total_steps:
-                runs.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, teacher=args.teacher)
-            t0 = time.time()  # throughput counts distillation steps (teacher sampling included), not eval or checkpoints
-            if step >= total_steps:
-                break
+        if step % args.log_every == 0 or step == total_steps:
+            record = window.record(step, steps_per_epoch, optimizer.param_groups[0]["scheduled_lr"], args.batch_size)
+            log(record)
+            pbar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
+        if step % args.eval_every == 0 or step == total_steps:  # the EMA student, in one step (its default)
+            best_rfid = runs.validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid,
+                                      rank, log, runs.repa_head_weights(raw, optimizer), teacher=args.teacher)
+        if step % args.ckpt_every == 0 or step == total_steps:
+            runs.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, critic,
+                                 critic_optimizer, teacher=args.teacher)
+        t0 = time.time()  # throughput counts distillation steps (teacher sampling included), not eval or checkpoints
     pbar.close()
     log.close()
     if rank == 0:

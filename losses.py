@@ -1,7 +1,8 @@
 """The training objective of SSDD (arXiv 2510.04961) and its frozen networks:
     L = MSE(v_hat, x - e) + 0.5 LPIPS_vgg(x0_hat, x) + 0.25 REPA + 1e-6 KL (KL only when the encoder trains),
-with REPA aligning the decoder's transformer tokens to DINOv2 ViT-B/14 features, the optional PatchGAN critic
-of the paper's ablation, and the per-step noise that makes a run independent of its number of ranks.
+with REPA aligning the decoder's transformer tokens to DINOv2 ViT-B/14 features (its MLP head carried across the
+stages of the recipe), the optional GAN critic of the paper's ablation, and the per-step noise that makes a run
+independent of its number of ranks.
 """
 import math
 
@@ -10,6 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fid
+import optim
+from model import timestep_embedding
 
 # REPA: the decoder's transformer tokens are aligned with DINOv2 ViT-B/14 patch features (REPA,
 # Yu et al., 2024).
@@ -101,12 +104,12 @@ def load_dinov2(path=None, device="cpu"):
     cache on first use, or a local path), in eval mode. The official release publishes no checksum, so the
     file is checked by loading it strictly: every one of its tensors must have its ViT-B/14 name and shape."""
     if path is None:
-        state = fid.download(DINOV2_URL, hint="pass --dinov2-weights PATH")
+        state = fid.download(DINOV2_URL, hint="pass --dinov2-weights FILE")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = fid.load_weights(path)
     state.pop("mask_token", None)  # only used by DINOv2's masked-image pretraining
     net = DINOv2()
-    net.load_state_dict(state)
+    fid.load_into(net, state, path or DINOV2_URL)
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -125,61 +128,99 @@ class REPALoss(nn.Module):
     def __init__(self, width, target_dim=768):
         super().__init__()
         self.repa_mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, target_dim))
+        for layer in (self.repa_mlp[0], self.repa_mlp[2]):  # the official init of a fresh head
+            nn.init.kaiming_normal_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, hidden, target):
         pred = self.repa_mlp(hidden)
         return 1 - F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
 
 
-class PatchDiscriminator(nn.Module):
-    """The optional GAN critic (--gan; an ablation of the paper, off in the recipe): a PatchGAN
-    conditioned on (x_t, t) with BCE losses; the layers here are pix2pix's (4x4 convolutions, 64-128-256-512
-    channels, LeakyReLU 0.2, one logit per 70x70 patch), with GroupNorm instead of BatchNorm so that a
-    sample's logits depend neither on the rest of the batch nor on its split over ranks. Input: the clean or
-    reconstructed image, the noisy x_t it came from and a constant map of t."""
+# ----------------------------------------------------------------------------------------------------------
+# The optional GAN (--gan; an ablation of the paper, off in the recipe), the official design
 
-    def __init__(self, ch=64):
+
+class TimeGroupNorm(nn.Module):
+    """GroupNorm(32, affine), then x * (1 + scale) + shift with (shift, scale) = Linear(SiLU(temb))."""
+
+    def __init__(self, channels, temb_dim):
         super().__init__()
-        layers = [nn.Conv2d(3 + 3 + 1, ch, 4, 2, 1), nn.LeakyReLU(0.2)]
-        for cin, cout, stride in ((ch, 2 * ch, 2), (2 * ch, 4 * ch, 2), (4 * ch, 8 * ch, 1)):
-            layers += [nn.Conv2d(cin, cout, 4, stride, 1, bias=False), nn.GroupNorm(32, cout), nn.LeakyReLU(0.2)]
-        layers.append(nn.Conv2d(8 * ch, 1, 4, 1, 1))
-        self.net = nn.Sequential(*layers)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, std=0.02)
+        self.norm = nn.GroupNorm(32, channels, eps=1e-5)
+        self.proj = nn.Linear(temb_dim, 2 * channels)
 
-    def forward(self, image, x_t, t):
-        t_map = t.view(-1, 1, 1, 1).expand(-1, 1, *image.shape[-2:])
-        return self.net(torch.cat([image, x_t.to(image.dtype), t_map.to(image.dtype)], dim=1))
+    def forward(self, x, temb):
+        shift, scale = self.proj(F.silu(temb))[:, :, None, None].chunk(2, dim=1)
+        return self.norm(x) * (1 + scale) + shift
 
 
-def gan_losses(logits_fake, logits_real=None):
-    """Non-saturating BCE: with only fake logits, the generator's loss (fakes labelled real); with both,
-    the discriminator's (mean of the real and the fake term)."""
-    def bce(logits, label):
-        logits = logits.float()
-        return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
+class Critic(nn.Module):
+    """The GAN critic: a PatchGAN in the pix2pix / taming style (n_layers 4, ndf 64, 4x4 convolutions with
+    padding 1 and bias, LeakyReLU 0.2) on concat[x, x_t], x clamped to [-1, 1]; every convolution
+    spectral-normalised (one power iteration per call in train mode), the norms conditioned on t; then the
+    mean over positions, Linear(512, 1) and a sigmoid: forward(x, x_t, t) -> (B,) probabilities that x is
+    real. x: the real, reconstructed or teacher image; x_t: the decoder's noisy input; t: (B,) times."""
 
-    if logits_real is None:
-        return bce(logits_fake, 1.0)
-    return 0.5 * (bce(logits_real, 1.0) + bce(logits_fake, 0.0))
+    def __init__(self, ndf=64, n_layers=4, temb_dim=128):
+        super().__init__()
+        widths = [ndf * min(2**n, 8) for n in range(n_layers + 1)]  # 64, 128, 256, 512, 512
+        self.convs = nn.ModuleList()
+        for i, (cin, cout) in enumerate(zip([6] + widths[:-1], widths)):
+            conv = nn.Conv2d(cin, cout, 4, 2 if i < n_layers else 1, 1)
+            nn.init.normal_(conv.weight, std=0.02)
+            self.convs.append(nn.utils.parametrizations.spectral_norm(conv))
+        self.norms = nn.ModuleList(TimeGroupNorm(c, temb_dim) for c in widths[1:])  # none after the first conv
+        self.temb_dim = temb_dim
+        self.time_mlp = nn.Sequential(nn.Linear(temb_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.head = nn.Linear(widths[-1], 1)
+
+    def forward(self, x, x_t, t):
+        temb = self.time_mlp(timestep_embedding(t, self.temb_dim))  # of t itself, not the decoder's 1000 t
+        h = F.leaky_relu(self.convs[0](torch.cat([x.clamp(-1, 1), x_t], dim=1)), 0.2)
+        for conv, norm in zip(self.convs[1:], self.norms):
+            h = F.leaky_relu(norm(conv(h), temb), 0.2)
+        return torch.sigmoid(self.head(h.mean((2, 3)))).squeeze(1)
+
+
+def new_critic(lr, weight_decay, device):
+    """A fresh critic, in train mode, and its optimizer: schedule-free RAdam like the model's (same lr and
+    weight decay groups), in train mode too (the critic is only trained, never evaluated or released)."""
+    critic = Critic().to(device)
+    optimizer = optim.RAdamScheduleFree(optim.param_groups(critic.named_parameters(), weight_decay), lr=lr)
+    optimizer.train()
+    return critic, optimizer
+
+
+def bce(p, label):
+    return F.binary_cross_entropy(p, torch.full_like(p, label))
 
 
 def generator_gan_loss(critic, fake, x_t, t):
-    """The generator's term: gradients reach the fake images through the critic, not its weights."""
+    """BCE(D(x0_hat, x_t, t), 1) in float32 with autocast off: the gradient reaches the fake images through
+    the critic, not the critic's weights."""
     critic.requires_grad_(False)
-    loss = gan_losses(critic(fake, x_t, t))
+    with torch.autocast(fake.device.type, enabled=False):
+        loss = bce(critic(fake.float(), x_t.float(), t.float()), 1.0)
     critic.requires_grad_(True)
     return loss
 
 
 def critic_gan_loss(critic, real, fake, x_t, t):
-    """The critic's term, real and (detached) fake images in one batch: one DDP forward."""
-    logits_real, logits_fake = critic(torch.cat([real, fake.detach()]), x_t.repeat(2, 1, 1, 1), t.repeat(2)).chunk(2)
-    return gan_losses(logits_fake, logits_real)
+    """(BCE(D(real, x_t, t), 1) + BCE(D(fake, x_t, t), 0)) / 2 in float32 with autocast off, fake detached.
+    Real and fake go through in one batch, one DDP forward (per sample the same as two calls: the critic's
+    norms are per sample)."""
+    with torch.autocast(real.device.type, enabled=False):
+        images = torch.cat([real, fake.detach()]).float()
+        p_real, p_fake = critic(images, x_t.float().repeat(2, 1, 1, 1), t.float().repeat(2)).chunk(2)
+        return (bce(p_real, 1.0) + bce(p_fake, 0.0)) / 2
 
 
+def critic_backward(critic, real, fake, x_t, t):
+    """The critic's loss and gradient, clipped to norm optim.GRAD_CLIP on its own; returns (loss, the norm
+    before clipping). critic: the Critic or its DDP wrapper."""
+    loss = critic_gan_loss(critic, real, fake, x_t, t)
+    loss.backward()
+    return loss, torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.GRAD_CLIP)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -207,6 +248,14 @@ class TrainingLoss(nn.Module):
             terms["repa"] = self.repa_loss(out["hidden"], dino_tokens)
         return terms, out
 
+    def clip_grad_norms(self):
+        """Clip the gradients of the SSDD model and of the REPA head each to norm optim.GRAD_CLIP on its own,
+        as the official code does; returns the norms before clipping, {'grad_norm', 'repa_grad_norm'}."""
+        norms = dict(grad_norm=torch.nn.utils.clip_grad_norm_(self.ssdd.parameters(), optim.GRAD_CLIP))
+        if self.repa_loss is not None:
+            norms["repa_grad_norm"] = torch.nn.utils.clip_grad_norm_(self.repa_loss.parameters(), optim.GRAD_CLIP)
+        return norms
+
 
 def step_noise(seed, step, global_batch, image_shape, latent_shape, rank, world_size, device):
     """t ~ sigmoid(N(0, 1)), e and the posterior noise for this rank's share of global batch `step`. Drawn
@@ -219,8 +268,9 @@ def step_noise(seed, step, global_batch, image_shape, latent_shape, rank, world_
     return t[rank::world_size], noise[rank::world_size], z_noise[rank::world_size]
 
 
-def loss_networks(lpips_weight, repa_weight, dinov2_weights, device):
-    """The frozen LPIPS-VGG and DINOv2 networks, each loaded only when its loss weight is nonzero (else None)."""
-    lpips = fid.LPIPS(net="vgg").to(device).eval().requires_grad_(False) if lpips_weight > 0 else None
+def loss_networks(lpips_weight, repa_weight, dinov2_weights, device, lpips_backbone=None, lpips_heads=None):
+    """The frozen LPIPS-VGG and DINOv2 networks, each loaded only when its loss weight is nonzero (else None),
+    from the local files given (--dinov2-weights, --lpips-backbone, --lpips-heads) or downloaded."""
+    lpips = fid.LPIPS("vgg", lpips_heads, lpips_backbone).to(device) if lpips_weight > 0 else None  # frozen, eval
     dino = load_dinov2(dinov2_weights, device) if repa_weight > 0 else None
     return lpips, dino

@@ -89,17 +89,27 @@ class RAdamScheduleFree(torch.optim.Optimizer):
             torch._foreach_sub_(z, grads, alpha=lr)
 
 
-WEIGHT_DECAY, GRAD_CLIP, EMA_DECAY = 1e-3, 0.1, 0.999  # the official recipe's
+# the official recipe's, as the authors' update of 2025-11-12 set them (the first release: weight decay 1e-3)
+WEIGHT_DECAY, GRAD_CLIP, EMA_DECAY = 1e-2, 0.1, 0.999
 
 
 def param_groups(named_params, weight_decay):
-    """Weight decay on conv / linear weights and norm scales (every '.weight'), none on biases and
-    relative-position bias tables."""
+    """Weight decay on conv / linear weights and norm scales (every '.weight', and '.weight.original', a
+    spectral-normalised weight), none on biases and relative-position bias tables."""
     decay, no_decay = [], []
     for name, p in named_params:
         if p.requires_grad:
-            (decay if name.endswith(".weight") else no_decay).append(p)
+            (decay if name.endswith((".weight", ".weight.original")) else no_decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def ema_decay(step, start):
+    """The EMA's decay after `step` optimizer steps: 0 (a plain copy) up to step `start`, then
+    min(0.999, (1 + n) / (10 + n)) with n = step - start, a warm-up over the first ~9k steps."""
+    if step <= start:
+        return 0.0
+    n = step - start
+    return min(EMA_DECAY, (1 + n) / (10 + n))
 
 
 @torch.no_grad()

@@ -3,22 +3,32 @@ setup, the run directory with its atomic checkpoints and exact resume, the log, 
 
 A run directory holds state.pt (the full training state: tensors and plain Python values only, so it loads
 with weights_only=True; rerunning with the same --run-dir resumes exactly), ema.safetensors (the EMA
-weights in the official layout, for SSDD.from_checkpoint), best.safetensors (lowest validation rFID),
-args.json, log.jsonl and PNG grids of originals above reconstructions in samples/.
+weights in the official layout, for SSDD.from_checkpoint), best.safetensors (lowest validation rFID), the
+REPA head beside each as ema.repa.safetensors and best.repa.safetensors (when REPA is on),
+args.json, log.jsonl, PNG grids of originals above reconstructions in samples/, and TensorBoard events
+when the tensorboard package is installed (`tensorboard --logdir runs`).
 """
 import argparse
+import contextlib
 import datetime
+import importlib.util
+import itertools
 import json
 import os
+import re
 import sys
 
 import torch
 import torch.distributed as dist
 import torchvision.utils
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.flop_counter import FlopCounterMode
 
+import data
 import fid
 import losses
+import optim
+from model import SSDD, check_image_size, load_safetensors, replace_durably, save_safetensors
 
 # ----------------------------------------------------------------------------------------------------------
 # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python script.py` is one process.
@@ -61,13 +71,31 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def stop_unless_finite(loss, grad_norm, terms, step, state_path):
-    """Every rank stops (SystemExit) before the weights change when the loss or the gradient norm is not
-    finite on some rank, so the last checkpoint stays the last good one."""
-    bad = all_reduce((~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)).float(), dist.ReduceOp.MAX)
-    if bad.item():
+def compile_and_wrap(loss_model, lpips, dino, critic, compile_flag, device):
+    """(model, lpips, dino, critic_model) as the training loop calls them: the loss module and the frozen
+    networks compiled (--compile; default on CUDA), the loss module and the critic in DDP under torchrun.
+    The critic is not compiled: the generator's term freezes and unfreezes it every step."""
+    cuda = device.type == "cuda"
+    model, critic_model = loss_model, critic
+    if cuda if compile_flag is None else compile_flag:
+        model = torch.compile(model)
+        lpips = torch.compile(lpips) if lpips is not None else None
+        dino = torch.compile(dino) if dino is not None else None
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[device.index] if cuda else None, broadcast_buffers=False)
+        if critic is not None:  # DDP's default: its buffers, the spectral norms' vectors, synced from rank 0 every call
+            critic_model = DDP(critic, device_ids=[device.index] if cuda else None)
+    return model, lpips, dino, critic_model
+
+
+def stop_unless_finite(values, step, state_path):
+    """Every rank stops (SystemExit) before the weights change when one of the step's losses or gradient
+    norms (values: {name: scalar tensor}) is not finite on some rank, so the last checkpoint stays the last
+    good one."""
+    bad = torch.stack([~torch.isfinite(v.detach()) for v in values.values()]).any().float()
+    if all_reduce(bad, dist.ReduceOp.MAX).item():
         raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} "
-                         f"({ {k: v.item() for k, v in terms.items()} }); stopping. The last good checkpoint "
+                         f"({ {k: v.item() for k, v in values.items()} }); stopping. The last good checkpoint "
                          f"{state_path} is intact: resume from it with a lower --lr.")
 
 
@@ -82,20 +110,133 @@ def add_run_args(p):
                    "both exist), or 'synthetic' for generated images")
     p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the processes")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
-    p.add_argument("--aug-scale", type=float, default=2.0, help="short side resized to [im, aug_scale * im)")
+    p.add_argument("--aug-scale", type=float, default=1.0, help="scale augmentation: the short side resized to a "
+                   "random length in [im, aug_scale * im) before the crop; 1 (the official default): to im. The "
+                   "recipe's stages 0 and 1 use 2")
+    p.add_argument("--weight-decay", type=float, default=optim.WEIGHT_DECAY, help="on weights, not on biases")
     p.add_argument("--lpips-weight", type=float, default=0.5)
     p.add_argument("--repa-weight", type=float, default=0.25)
-    p.add_argument("--ema-start", type=int, default=50_000, help="EMA 0.999 from this step, a copy before")
+    p.add_argument("--ema-start", type=int, default=50_000, help="the EMA is a copy up to this step, then decays "
+                   "by min(0.999, (1 + n) / (10 + n)), n the steps since")
+    p.add_argument("--gan", action="store_true", help="add the GAN losses (an ablation, off in the recipe)")
+    p.add_argument("--gan-weight", type=float, default=0.5, help="weight of the generator's GAN loss")
+    p.add_argument("--gan-start", type=int, default=50_000, help="GAN losses from this step on")
     p.add_argument("--eval-every", type=int, default=10_000)
-    p.add_argument("--eval-images", type=int, default=5_000, help="validation subset used by the periodic eval")
+    p.add_argument("--eval-images", type=int, default=None, help="the periodic eval uses the first N validation "
+                   "images in sorted path order (5000 on ImageNet: the paper's ImageNet-5K, classes 0-99); default: "
+                   "5000, or in a short run one per 25 images trained between two validations (at least 16)")
     p.add_argument("--ckpt-every", type=int, default=1_000)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit", type=int, default=None, help="use only N training and N validation images")
-    p.add_argument("--num-workers", type=int, default=8, help="data loader processes per rank")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training and N validation images "
+                   "in sorted path order")
+    p.add_argument("--num-workers", type=int, default=fid.default_workers(), help="data loader processes per rank "
+                   "(default: this machine's CPUs shared by its ranks, at most 8)")
     p.add_argument("--dinov2-weights", default=None, help="local dinov2_vitb14_pretrain.pth (default: download)")
     p.add_argument("--fid-weights", default=None, help="local FID Inception weights (default: download)")
+    p.add_argument("--lpips-backbone", default=None, help="local torchvision VGG16 state dict for the LPIPS loss "
+                   "(vgg16-397923af.pth; default: download)")
+    p.add_argument("--lpips-heads", default=None, help="local LPIPS v0.1 vgg.pth (default: download)")
+
+
+def training_data(args):
+    """(training set, validation set, steps per epoch, total steps) of a training script, checked before the
+    run directory is made; --eval-images is resolved (eval_images_default)."""
+    with input_errors():
+        train_set = data.load_split(args.data, "train", args.im, train=True, aug_scale=args.aug_scale,
+                                    limit=args.limit, seed=args.seed, holdout=True)
+        val_set = data.load_split(args.data, "val", args.im, limit=args.limit, holdout=True)
+    if len(train_set) < args.batch_size:
+        error(f"{len(train_set)} training images, fewer than one batch of {args.batch_size}")
+    steps_per_epoch = len(train_set) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
+    args.eval_images = eval_images_default(args, total_steps)
+    return train_set, val_set, steps_per_epoch, total_steps
+
+
+def eval_images_default(args, total_steps):
+    """--eval-images when given, else 5000 (the paper's ImageNet-5K), but in a short run one per 25 images
+    trained between two validations (at least 16): a validated image costs 8 decoder evaluations against
+    about 3 for a trained one, so validation takes about a tenth of the run."""
+    if args.eval_images is not None:
+        return args.eval_images
+    return min(5000, max(16, args.batch_size * min(args.eval_every, total_steps) // 25))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking what the user gave. Every script checks its arguments first thing, before it builds or writes
+# anything, and loads the files they name inside input_errors(): a mistake is one line, never a traceback.
+
+
+def error(message):
+    """Stop on a mistake in what the user gave: one `error: ...` line on stderr and exit status 2, as argparse
+    does for its own errors (under torchrun every rank prints it)."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def input_errors():
+    """Around the loading of what the user named (checkpoints, weights, the data folder): the one-line errors
+    of a bad file or folder, ValueError (not a checkpoint, not weights of the network, no images), OSError
+    (missing, a folder, no permission) and RuntimeError (a download that failed), become error()."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as e:
+        error(e)
+
+
+def check_files(args, *names, url=False):
+    """Each of these options (None: not given) must name an existing file; url: an http(s):// URL is taken
+    too (SSDD.from_checkpoint downloads it)."""
+    for name in names:
+        path = getattr(args, name)
+        if path is None or url and path.startswith(("https://", "http://")):
+            continue
+        if not os.path.isfile(path):
+            error(f"--{name.replace('_', '-')} {path!r} " + ("is a folder, not a file" if os.path.isdir(path)
+                                                            else "does not exist"))
+
+
+def check_at_least(args, minimum, *names):
+    """Each of these options (None: not given) must be at least minimum; NaN is not."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value >= minimum:
+            error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def check_positive(args, *names):
+    """Each of these options (None: not given) must be positive; NaN is not."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            error(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_im(im, factor=1):
+    """--im: sides the encoder (factor) and the decoder's 8x8-token windows can take."""
+    try:
+        check_image_size(im, im, factor)
+    except ValueError as e:
+        error(f"--im {im}: {e}")
+
+
+def check_run_args(args):
+    """The options of add_run_args, and --lr, --epochs and --im, which both training scripts define with their
+    own defaults (--im against the encoder's factor: the script's own check). The data folder is checked when
+    loaded, before the run directory is made."""
+    check_at_least(args, 1, "batch_size", "epochs", "max_steps", "eval_every", "eval_images", "ckpt_every",
+                   "log_every", "limit", "aug_scale")
+    check_at_least(args, 0, "num_workers", "lpips_weight", "repa_weight", "gan_weight", "weight_decay", "ema_start",
+                   "gan_start")
+    check_positive(args, "lr")
+    check_im(args.im)
+    check_files(args, "dinov2_weights", "fid_weights", "lpips_backbone", "lpips_heads")
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        error(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,34 +244,62 @@ def add_run_args(p):
 
 
 def default_run_dir(prefix):
-    """runs/<prefix><date-time>. Under torchrun with --max-restarts the name is noted in
-    runs/.torchrun-<prefix><rendezvous id>, and the workers torchrun restarts after a failure read it back, so
-    that they resume the run instead of starting a new one; a fresh launch always starts a new run."""
-    run_dir = os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    """runs/<prefix><date-time>, created here (with a suffix -1, -2, ... when a run launched in the same second
+    took the name). Under torchrun with --max-restarts the name is noted in runs/.torchrun-<prefix><rendezvous
+    id>, and the workers torchrun restarts after a failure read it back, so that they resume the run (a new
+    one when it failed before its first checkpoint); a fresh launch always starts a new run."""
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none" also for torchrun's static rendezvous
-    if job == "none" or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
-        return run_dir
+    noted = job != "none" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
     note = os.path.join("runs", f".torchrun-{prefix}{job}")
-    if int(os.environ["TORCHELASTIC_RESTART_COUNT"]) > 0 and os.path.exists(note):
+    if noted and int(os.environ["TORCHELASTIC_RESTART_COUNT"]) > 0 and os.path.exists(note):
         with open(note) as f:
-            return f.read()
+            run_dir = f.read()
+        if os.path.exists(os.path.join(run_dir, "state.pt")):
+            return run_dir
+    name = os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs("runs", exist_ok=True)
-    with open(note, "w") as f:
-        f.write(run_dir)
+    for n in itertools.count():
+        run_dir = name + (f"-{n}" if n else "")
+        try:
+            os.mkdir(run_dir)  # atomic: of two launches, one gets the name
+            break
+        except FileExistsError:
+            pass
+    if noted:
+        with open(note, "w") as f:
+            f.write(run_dir)
     return run_dir
 
 
 def open_run_dir(run_dir, prefix, rank):
     """Rank 0 names the run directory (default: default_run_dir), every rank uses it. Returns
-    (run_dir, path of state.pt, the saved training state or None): an existing state.pt means resume."""
-    run_dir = [run_dir or (default_run_dir(prefix) if rank == 0 else None)]
-    if dist.is_initialized():
-        dist.broadcast_object_list(run_dir, src=0)
-    run_dir = run_dir[0]
-    state_path = os.path.join(run_dir, "state.pt")
+    (run_dir, path of state.pt, the saved training state or None): an existing state.pt means resume, and
+    rank 0 then removes the temporary files of writes that a crash interrupted. A directory that holds other
+    files but no state.pt stops every rank before anything is written: a run from step 0 would overwrite
+    them (an empty one is used)."""
+    chosen = [None, None]  # the run dir, or why every rank stops
     if rank == 0:
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-    barrier()
+        run_dir = run_dir or default_run_dir(prefix)
+        found = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
+        if "state.pt" in found:
+            leftovers = [f for f in found if re.fullmatch(r".+\.tmp\d+", f)]  # name.tmp<pid>: an unfinished write
+            for f in leftovers:
+                os.remove(os.path.join(run_dir, f))
+            if leftovers:
+                print(f"removed the unfinished writes {leftovers} of an earlier attempt from {run_dir}")
+            chosen[0] = run_dir
+        elif found:
+            chosen[1] = (f"{run_dir} holds earlier output ({', '.join(found)}) but no training state (state.pt) "
+                         f"to resume; start a new run with another --run-dir, or remove this one")
+        else:
+            os.makedirs(run_dir, exist_ok=True)
+            chosen[0] = run_dir
+    if dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0)
+    run_dir, refused = chosen
+    if refused:
+        error(refused)
+    state_path = os.path.join(run_dir, "state.pt")
     state = torch.load(state_path, map_location="cpu", weights_only=True) if os.path.exists(state_path) else None
     if dist.is_initialized():  # a node that cannot see rank 0's files would train from another step
         steps = [None] * dist.get_world_size()
@@ -141,14 +310,18 @@ def open_run_dir(run_dir, prefix, rank):
     return run_dir, state_path, state
 
 
-def restore_training_state(state, loss_model, ema, optimizer, args, run_dir, rank):
-    """Load a saved state into the loss module (model and REPA head), the EMA and the optimizer; returns
-    (step, best rFID) and says which arguments changed since the state was saved."""
+def restore_training_state(state, loss_model, ema, optimizer, args, run_dir, rank, critic=None, critic_optimizer=None):
+    """Load a saved state into the loss module (model and REPA head), the EMA, the optimizer and the GAN
+    critic with its optimizer when given (and saved); returns (step, best rFID) and says which arguments
+    changed since the state was saved."""
     loss_model.ssdd.load_state_dict(state["model"])
     if loss_model.repa_loss is not None:
         loss_model.repa_loss.load_state_dict(state["repa_loss"])
     ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
+    if critic is not None and "disc" in state:
+        critic.load_state_dict(state["disc"])  # with its spectral norms' power-iteration vectors
+        critic_optimizer.load_state_dict(state["disc_optimizer"])
     changed = {k: (state["args"].get(k), v) for k, v in vars(args).items() if state["args"].get(k) != v}
     if rank == 0:
         print(f"resuming {run_dir} at step {state['step']}" + (f"; arguments changed (was, now): {changed}" if changed else ""))
@@ -168,24 +341,65 @@ def replica_fingerprints(module):
     return torch.stack(out)
 
 
-def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, rank, log, extra_state=None, **metadata):
+def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, rank, log, critic=None,
+                    critic_optimizer=None, **metadata):
     """The counterpart of restore_training_state (a collective call): check that every rank holds the same
-    weights, then rank 0 writes state.pt (with extra_state, a dict of state dicts, merged in) and the EMA
-    weights as ema.safetensors (with metadata), each to a temporary file renamed over the old one, so a
-    crash never leaves a half-written checkpoint."""
+    weights, then rank 0 writes state.pt (the critic and its optimizer as 'disc' and 'disc_optimizer'), the
+    EMA weights as ema.safetensors (with metadata) and the REPA head beside them (repa_head_path), each to a
+    temporary file renamed over the old one, so a crash never leaves a half-written checkpoint."""
     fingerprints = replica_fingerprints(loss_model)
     log(dict(step=step, replica_fingerprints=fingerprints.tolist()))
     if not (fingerprints == fingerprints[0]).all():
         raise SystemExit(f"error: the ranks' weights differ at step {step}: {fingerprints.tolist()}")
     if rank == 0:
         repa = {"repa_loss": loss_model.repa_loss.state_dict()} if loss_model.repa_loss else {}
+        gan = dict(disc=critic.state_dict(), disc_optimizer=critic_optimizer.state_dict()) if critic else {}
         path = os.path.join(run_dir, "state.pt")
         tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(dict(step=step, best_rfid=best_rfid, args=vars(args), model=loss_model.ssdd.state_dict(),
-                        ema=ema.state_dict(), optimizer=optimizer.state_dict(), **repa, **(extra_state or {})), tmp)
-        os.replace(tmp, path)
+        with open(tmp, "wb") as f:
+            torch.save(dict(step=step, best_rfid=best_rfid, args=vars(args), model=loss_model.ssdd.state_dict(),
+                            ema=ema.state_dict(), optimizer=optimizer.state_dict(), **repa, **gan), f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a power loss cannot leave an empty state.pt
+        replace_durably(tmp, path)
         ema.save(os.path.join(run_dir, "ema.safetensors"), step=step, **metadata)
+        repa_head = repa_head_weights(loss_model, optimizer)
+        if repa_head is not None:
+            save_safetensors(repa_head, repa_head_path(os.path.join(run_dir, "ema.safetensors")))
     barrier()
+
+
+# The REPA head carries across the stages of the recipe (the official code restores it for finetuning and
+# distillation). The SSDD .safetensors keeps exactly the official layout, so the head has its own file beside
+# it, X.repa.safetensors, under the official key names repa_loss.repa_mlp.{0,2}.{weight,bias}.
+
+
+def repa_head_path(ckpt):
+    """runs/m128/ema.safetensors -> runs/m128/ema.repa.safetensors."""
+    return os.path.splitext(ckpt)[0] + ".repa.safetensors"
+
+
+def repa_head_weights(loss_model, optimizer):
+    """The REPA head's weights to save beside the model: the optimizer's averaged weights, as for the model
+    (None without REPA)."""
+    if loss_model.repa_loss is None:
+        return None
+    names, params = zip(*loss_model.repa_loss.named_parameters(prefix="repa_loss"))
+    return dict(zip(names, optimizer.averaged(params)))
+
+
+def load_repa_head(loss_model, ckpt, rank):
+    """Start the REPA head from the one saved beside the SSDD checkpoint ckpt when there is one, else keep the
+    fresh one; says which."""
+    if loss_model.repa_loss is None:
+        return
+    path = repa_head_path(ckpt)
+    found = os.path.exists(path)
+    if found:
+        tensors, _ = load_safetensors(path)
+        loss_model.repa_loss.load_state_dict({k.removeprefix("repa_loss."): v for k, v in tensors.items()})
+    if rank == 0:
+        print(f"REPA head from {path}" if found else f"a fresh REPA head (no {path})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,19 +407,45 @@ def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, 
 
 
 class RunLog:
-    """The run's log.jsonl, one JSON record per line, written by rank 0 (on other ranks a call does nothing)."""
+    """The run's log, written by rank 0 (on other ranks a call does nothing): log.jsonl, one JSON record per
+    line, and, when the tensorboard package is installed, TensorBoard events in the run directory: every
+    number of a record as the scalar train/<name> (those of a dict field, the validation metrics, as
+    eval/<name>) at the record's step, and the sample grids (image()). step: the step the run starts from;
+    the events a crashed attempt wrote after it are purged (hidden from TensorBoard), so a resumed run shows
+    each step once."""
 
-    def __init__(self, run_dir, rank):
-        self.file = open(os.path.join(run_dir, "log.jsonl"), "a") if rank == 0 else None
+    def __init__(self, run_dir, rank, step=0):
+        self.file = self.writer = None
+        if rank == 0:
+            self.file = open(os.path.join(run_dir, "log.jsonl"), "a")
+            if importlib.util.find_spec("tensorboard"):
+                from torch.utils.tensorboard import SummaryWriter
+                self.writer = SummaryWriter(run_dir, purge_step=step + 1)
 
     def __call__(self, record):
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for name, value in record.items():
+                group, values = (name, value) if isinstance(value, dict) else ("train", {name: value})
+                for k, v in values.items():  # lists (replica fingerprints) and None (metrics not computed) left out
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                        self.writer.add_scalar(f"{group}/{k}", v, record["step"])
+            self.writer.flush()  # waits for the writer's thread: on disk like log.jsonl, which a kill keeps
+
+    def image(self, tag, image, step):
+        """A (3, H, W) image in [0, 1], quantised as torchvision's save_image does, so it equals the PNG."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image.mul(255).add_(0.5).clamp_(0, 255).to("cpu", torch.uint8), step)
+            self.writer.flush()
 
     def close(self):
         if self.file is not None:
             self.file.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class LogWindow:
@@ -251,19 +491,28 @@ def load_inception_or_none(weights, device, rank):
         return None
 
 
-def validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid, rank, log, **metadata):
+def validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid, rank, log, repa_head=None,
+             **metadata):
     """The periodic validation of the EMA model (a collective call): log its metrics, save a grid of
-    originals above reconstructions, keep its weights as best.safetensors (with metadata) when its rFID is
-    the lowest so far. Returns the best rFID."""
+    originals above reconstructions, keep its weights as best.safetensors (with metadata), and repa_head
+    (repa_head_weights, None without REPA) beside them, when its rFID is the lowest so far. Returns the best
+    rFID."""
     metrics, (orig, rec) = fid.reconstruct(ema, val_set, local_batch, device, num_images=args.eval_images,
                                            seed=args.seed, inception=inception, workers=args.num_workers)
     log(dict(step=step, eval=metrics))
     rfid = metrics["rfid"]
     if rank == 0:
-        torchvision.utils.save_image(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5,
-                                     os.path.join(run_dir, "samples", f"{step:08d}.png"), nrow=min(8, len(orig)))
+        print(f"step {step}: validation PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}"
+              + (f", rFID {rfid:.2f}" if rfid is not None else ""), flush=True)
+        grid = torchvision.utils.make_grid(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5, nrow=min(8, len(orig)))
+        # made here, not in open_run_dir: a run that fails during its setup leaves its run dir empty, reusable
+        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+        torchvision.utils.save_image(grid, os.path.join(run_dir, "samples", f"{step:08d}.png"))
+        log.image("eval/samples", grid, step)
         if rfid is not None and rfid < best_rfid:
             ema.save(os.path.join(run_dir, "best.safetensors"), step=step, rfid=rfid, **metadata)
+            if repa_head is not None:
+                save_safetensors(repa_head, repa_head_path(os.path.join(run_dir, "best.safetensors")))
     barrier()
     return best_rfid if rfid is None else min(best_rfid, rfid)
 
@@ -285,3 +534,86 @@ def train_flops_per_image(loss_model, lpips, dino, image_shape, latent_shape, de
         loss.backward()
     loss_model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Will a training step fit? Checked before the run starts, so that a run too big for the machine stops at once
+# with a line saying what to lower, instead of being killed by the kernel's OOM killer without a message.
+
+# On CUDA the activations are stored in bfloat16 under autocast and fused by torch.compile: counted as a quarter
+# of the float32 eager count, below the 0.30-0.31 of the H200 peaks in BENCHMARKS.md (M, full recipe,
+# compiled: 16.1 GiB at 128 px and batch 64, 13.1 GiB estimated; 30.4 GiB at 256 px and batch 32, 25.7 GiB
+# estimated), so that the check does not refuse a run that fits.
+CUDA_ACTIVATION_SCALE = 0.25
+
+
+def saved_bytes(fn, modules):
+    """Bytes of the tensors that autograd saves for the backward pass while fn() runs, each storage once, but
+    for the parameters of modules (a layer saves its weight: no memory of its own)."""
+    saved = {}
+    params = {p.untyped_storage()._cdata for m in modules if m is not None for p in m.parameters()}
+
+    def pack(t):
+        if t.untyped_storage()._cdata not in params:
+            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values())
+
+
+def training_step_bytes(config, args, train_encoder, teacher=False):
+    """(bytes that do not depend on the batch, bytes per image) of one rank's training step in float32 eager
+    mode: the weights of the model, of its EMA and of the teacher (distillation) and the frozen networks
+    (FID Inception, the LPIPS VGG, DINOv2); the gradients and the optimizer's two copies (schedule-free
+    RAdam's z and exp_avg_sq) of what trains; per image, the tensors autograd keeps for the backward pass,
+    counted on a batch of 1 built on the meta device: shapes only, nothing computed or allocated."""
+    with torch.device("meta"):
+        ssdd = SSDD(**config)
+        loss_model = losses.TrainingLoss(ssdd, train_encoder, repa=args.repa_weight > 0)
+        vgg = fid.vgg16_features() if args.lpips_weight > 0 else None
+        critic = losses.Critic() if args.gan else None
+        frozen = [fid.InceptionV3(), vgg, losses.DINOv2() if args.repa_weight > 0 else None, ssdd if teacher else None]
+        x = torch.zeros(1, 3, args.im, args.im)
+        z_noise = torch.zeros(1, ssdd.decoder.z_channels, args.im // ssdd.factor, args.im // ssdd.factor)
+        dino_tokens = torch.zeros(1, (args.im // 8) ** 2, 768)
+
+        def step():
+            t = torch.full((1,), 0.5)
+            _, out = loss_model(x, t, torch.zeros_like(x), z_noise, dino_tokens=dino_tokens)
+            if vgg is not None:
+                vgg(out["x0_hat"])
+            if critic is not None:
+                critic(out["x0_hat"], out["x_t"], t)
+
+        per_image = saved_bytes(step, [loss_model, vgg, critic])
+    count = lambda modules: sum(p.numel() for m in modules if m is not None for p in m.parameters())
+    trained = sum(p.numel() for p in loss_model.parameters() if p.requires_grad) + count([critic])
+    weights = count([loss_model, ssdd, critic, *frozen])  # ssdd a second time: the EMA
+    return 4 * (weights + 3 * trained), per_image
+
+
+def available_memory(device):
+    """Bytes this rank may still use: the GPU's free memory, or the machine's available RAM shared by the
+    ranks on it; None where unknown (no /proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return None
+    return kib * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def check_memory(config, args, local_batch, device, train_encoder, teacher=False):
+    """Stop (error) before the run starts when its training step cannot fit in this rank's memory."""
+    fixed, per_image = training_step_bytes(config, args, train_encoder, teacher)
+    if device.type == "cuda":
+        per_image *= CUDA_ACTIVATION_SCALE
+    need, free = fixed + local_batch * per_image, available_memory(device)
+    if free is not None and need > free:
+        error(f"a training step needs about {need / 2**30:.1f} GiB ({fixed / 2**30:.1f} GiB of weights, gradients "
+              f"and optimizer state, {per_image / 2**20:.0f} MiB per image for {local_batch} images per process) "
+              f"but {free / 2**30:.1f} GiB is available on {device.type}: lower --batch-size, --im or --size")

@@ -1,0 +1,129 @@
+"""latent_stats.py --save-latents: the stored latents are the encoder means of the eval crops (and of their
+mirror images), the labels are torchvision ImageFolder's, and a killed run resumes without recomputing its
+finished shards. A tiny model at 64 px on CPU, in float32.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torchvision
+
+import data
+import latent_stats
+from model import SSDD, load_safetensors
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PHOTOS = os.path.join(HERE, "testdata", "photos")
+TINY = {"widths": [32, 32, 64, 64], "depth": 2, "heads": 2}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: two fighting other processes for two cores run these tests slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(123)
+    path = str(tmp_path / "model.safetensors")
+    SSDD("f8c4", TINY).save(path)
+    return path
+
+
+def run(ckpt, data_dir, out, *extra):
+    return latent_stats.main(["--ckpt", ckpt, "--data", data_dir, "--im", "64", "--num-workers", "0",
+                              "--batch-size", "3", "--save-latents", str(out), *extra])
+
+
+def read_shards(out):
+    """The index and the shards' tensors, concatenated in the index's order of shards."""
+    with open(os.path.join(out, "index.json")) as f:
+        index = json.load(f)
+    assert sorted(f for f in os.listdir(out) if f != "index.json") == index["shards"]  # nothing else left behind
+    shards = [load_safetensors(os.path.join(out, name)) for name in index["shards"]]
+    return index, {k: torch.cat([t[k] for t, _ in shards]) for k in shards[0][0]}, [m for _, m in shards]
+
+
+def test_latents_are_the_encoder_means_of_the_val_crops(ckpt, tmp_path):
+    """Default split val/; shards of 4 of the 6 photos, in batches of 3 that a shard boundary cuts."""
+    mean, std = run(ckpt, PHOTOS, tmp_path / "out", "--shard-size", "4", "--flip")
+    index, t, metadata = read_shards(tmp_path / "out")
+    val = data.load_split(PHOTOS, "val", 64)
+    assert index["shards"] == ["latents-00000-of-00002.safetensors", "latents-00001-of-00002.safetensors"]
+    assert index["root"] == os.path.join(PHOTOS, "val")
+    assert index["paths"] == sorted(os.listdir(os.path.join(PHOTOS, "val")))
+    assert index["checkpoint"] == ckpt and json.loads(metadata[0]["checkpoint"]) == ckpt
+    assert (index["latent_mean"], index["latent_std"]) == (mean, std)
+    assert t["indices"].tolist() == list(range(6)) and t["labels"].tolist() == [-1] * 6  # no class folders
+    model = SSDD.from_checkpoint(ckpt)
+    assert (model.latent_mean, model.latent_std) == (mean, std)
+    x = torch.stack([val[i] for i in range(len(val))])
+    with torch.no_grad():
+        z, z_flip = model.encode(x), model.encode(x.flip(-1))
+    assert t["latents"].dtype == torch.float32 and t["latents"].shape == (6, 4, 8, 8)
+    # up to rounding: a batch of 6 sums in another order than batches of 3, 1 and 2 (measured: 2e-7)
+    torch.testing.assert_close(t["latents"], z, rtol=0, atol=1e-6)
+    torch.testing.assert_close(t["latents_flip"], z_flip, rtol=0, atol=1e-6)
+    assert mean == pytest.approx(z.double().mean().item(), rel=1e-6)
+
+
+def test_labels_are_imagefolders(ckpt, tmp_path):
+    """Classes are the first folder level, numbered in sorted order (capitals first), nested folders belong
+    to their top folder, an image in the root gets -1."""
+    photos = sorted(os.listdir(os.path.join(PHOTOS, "train")))
+    layout = {"apple": photos[:2], "Zebra": photos[2:3], os.path.join("mouse", "nested"): photos[3:5], "": photos[5:6]}
+    root = tmp_path / "classes"
+    for folder, names in layout.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copy(os.path.join(PHOTOS, "train", name), root / folder / name)
+    run(ckpt, str(root), tmp_path / "out", "--shard-size", "3")  # shards of one batch
+    index, t, _ = read_shards(tmp_path / "out")
+    reference = torchvision.datasets.ImageFolder(str(root))
+    assert index["classes"] == reference.classes == ["Zebra", "apple", "mouse"]
+    want = {os.path.relpath(p, root): label for p, label in reference.samples}
+    want[photos[5]] = -1  # ImageFolder skips images outside the class folders
+    assert dict(zip(index["paths"], index["labels"])) == want
+    assert t["labels"].tolist() == [want[index["paths"][i]] for i in t["indices"].tolist()]
+
+
+def test_killed_run_resumes_without_recomputing(ckpt, tmp_path, monkeypatch):
+    """The 12 training photos in shards of 4; the first run is killed while it writes the second shard. The
+    rerun encodes only the 8 images of the two unfinished shards, leaves the first shard untouched, removes
+    the killed write's temporary file, and its statistics cover all 12."""
+    out = tmp_path / "out"
+    args = ("--split", "train", "--shard-size", "4")
+    save = latent_stats.save_safetensors
+
+    def killed_at_second_shard(tensors, path, metadata=None):
+        if os.listdir(out):
+            open(f"{path}.tmp12345", "wb").close()  # what a kill mid-write leaves
+            raise KeyboardInterrupt
+        save(tensors, path, metadata)
+
+    with monkeypatch.context() as m:
+        m.setattr(latent_stats, "save_safetensors", killed_at_second_shard)
+        with pytest.raises(KeyboardInterrupt):
+            run(ckpt, PHOTOS, out, *args)
+    first = out / "latents-00000-of-00003.safetensors"
+    assert sorted(os.listdir(out)) == [first.name, "latents-00001-of-00003.safetensors.tmp12345"]
+    mtime = first.stat().st_mtime_ns
+
+    encoded = []
+    encode = SSDD.encode
+    monkeypatch.setattr(SSDD, "encode", lambda self, x, *a: encoded.append(len(x)) or encode(self, x, *a))
+    mean, std = run(ckpt, PHOTOS, out, *args)
+    assert sum(encoded) == 8 and first.stat().st_mtime_ns == mtime
+    index, t, _ = read_shards(out)
+    assert len(index["shards"]) == 3 and t["indices"].tolist() == list(range(12))
+    z = t["latents"].double()
+    assert mean == pytest.approx(z.mean().item(), rel=1e-12) and std == pytest.approx(z.std().item(), rel=1e-12)
+
+    with pytest.raises(SystemExit, match="holds latents of other settings"):
+        run(ckpt, PHOTOS, out, *args, "--flip")
