@@ -411,13 +411,21 @@ class RunLog:
     line, and, when the tensorboard package is installed, TensorBoard events in the run directory: every
     number of a record as the scalar train/<name> (those of a dict field, the validation metrics, as
     eval/<name>) at the record's step, and the sample grids (image()). step: the step the run starts from;
-    the events a crashed attempt wrote after it are purged (hidden from TensorBoard), so a resumed run shows
-    each step once."""
+    what a crashed attempt logged after it is dropped from log.jsonl and purged from the events (hidden from
+    TensorBoard), so a resumed run logs each step once."""
 
     def __init__(self, run_dir, rank, step=0):
         self.file = self.writer = None
         if rank == 0:
-            self.file = open(os.path.join(run_dir, "log.jsonl"), "a")
+            path = os.path.join(run_dir, "log.jsonl")
+            if step and os.path.exists(path):
+                with open(path) as f:
+                    kept = [line for line in f if logged_step(line) <= step]
+                tmp = f"{path}.tmp{os.getpid()}"
+                with open(tmp, "w") as f:
+                    f.writelines(kept)
+                replace_durably(tmp, path)
+            self.file = open(path, "a")
             if importlib.util.find_spec("tensorboard"):
                 from torch.utils.tensorboard import SummaryWriter
                 self.writer = SummaryWriter(run_dir, purge_step=step + 1)
@@ -446,6 +454,14 @@ class RunLog:
             self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def logged_step(line):
+    """The step of a log.jsonl line; infinite for a line a kill cut short."""
+    try:
+        return json.loads(line)["step"]
+    except ValueError:
+        return float("inf")
 
 
 class LogWindow:
