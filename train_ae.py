@@ -35,7 +35,7 @@ from model import SSDD, decoder_spec, encoder_weights, parse_encoder_name
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="M", help="decoder size S|B|M|L|XL|H, or a JSON dict of widths/depth/heads "
+    p.add_argument("--size", default="M", help="decoder size XS|S|B|M|L|XL|H|XH|G, or a JSON dict of widths/depth/heads "
                    "for a custom (e.g. tiny test) decoder")
     p.add_argument("--encoder", default="f8c4")
     p.add_argument("--im", type=int, default=128, help="training resolution")
