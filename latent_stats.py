@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 import fid
 import runs
-from model import SSDD, check_image_size, load_safetensors, save_safetensors
+from model import SSDD, check_image_size, load_safetensors, save_safetensors, write_durably
 
 
 def merge(a, b):
@@ -112,13 +112,6 @@ def write_stats(path, mean, std):
     tensors, metadata = load_safetensors(path)
     metadata.update(latent_mean=json.dumps(mean), latent_std=json.dumps(std))
     save_safetensors(tensors, path, metadata)  # a temporary file renamed over the old one
-
-
-def write_json(obj, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 def parse_args(argv=None):
@@ -194,9 +187,10 @@ def main(argv=None):
             print(f"latent mean {mean:.6g}, std {std:.6g} over {n} elements of {len(dataset)} images; "
                   f"written into {args.ckpt}")
             if out:
-                write_json(dict(settings, latent_mean=mean, latent_std=std, classes=classes,
-                                shards=[os.path.basename(path(k)) for k in range(num_shards)], paths=paths,
-                                labels=labels.tolist()), os.path.join(out, "index.json"))
+                index = dict(settings, latent_mean=mean, latent_std=std, classes=classes,
+                             shards=[os.path.basename(path(k)) for k in range(num_shards)], paths=paths,
+                             labels=labels.tolist())
+                write_durably(os.path.join(out, "index.json"), lambda f: json.dump(index, f), "w")
                 print(f"latents of {len(dataset)} images in {num_shards} shards and index.json in {out}")
         runs.barrier()
     finally:

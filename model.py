@@ -903,8 +903,8 @@ def save_safetensors(tensors, path, metadata=None):
         offset += t.nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for key in sorted(tensors):
@@ -914,14 +914,19 @@ def save_safetensors(tensors, path, metadata=None):
             if data:
                 torch.frombuffer(data, dtype=torch.uint8).copy_(tensors[key].detach().reshape(-1).view(torch.uint8))
             f.write(data)
+
+    write_durably(path, write)
+
+
+def write_durably(path, write, mode="wb"):
+    """Write a file atomically and durably: write(f) fills path.tmp<pid>, which is fsynced and renamed over
+    path, then the directory is fsynced. A crash leaves the old file or the new one, never a half-written one,
+    and without the directory's fsync a power loss can lose the rename."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, mode) as f:
+        write(f)
         f.flush()
         os.fsync(f.fileno())
-    replace_durably(tmp, path)
-
-
-def replace_durably(tmp, path):
-    """Rename the written and fsynced file tmp over path, then fsync the directory: without it a power loss
-    can lose the rename and leave the old file (or none) under path."""
     os.replace(tmp, path)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:

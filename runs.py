@@ -28,7 +28,7 @@ import data
 import fid
 import losses
 import optim
-from model import SSDD, check_image_size, load_safetensors, replace_durably, save_safetensors
+from model import SSDD, check_image_size, load_safetensors, save_safetensors, write_durably
 
 # ----------------------------------------------------------------------------------------------------------
 # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python script.py` is one process.
@@ -354,14 +354,9 @@ def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, 
     if rank == 0:
         repa = {"repa_loss": loss_model.repa_loss.state_dict()} if loss_model.repa_loss else {}
         gan = dict(disc=critic.state_dict(), disc_optimizer=critic_optimizer.state_dict()) if critic else {}
-        path = os.path.join(run_dir, "state.pt")
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            torch.save(dict(step=step, best_rfid=best_rfid, args=vars(args), model=loss_model.ssdd.state_dict(),
-                            ema=ema.state_dict(), optimizer=optimizer.state_dict(), **repa, **gan), f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so a power loss cannot leave an empty state.pt
-        replace_durably(tmp, path)
+        state = dict(step=step, best_rfid=best_rfid, args=vars(args), model=loss_model.ssdd.state_dict(),
+                     ema=ema.state_dict(), optimizer=optimizer.state_dict(), **repa, **gan)
+        write_durably(os.path.join(run_dir, "state.pt"), lambda f: torch.save(state, f))
         ema.save(os.path.join(run_dir, "ema.safetensors"), step=step, **metadata)
         repa_head = repa_head_weights(loss_model, optimizer)
         if repa_head is not None:
@@ -421,10 +416,7 @@ class RunLog:
             if step and os.path.exists(path):
                 with open(path) as f:
                     kept = [line for line in f if logged_step(line) <= step]
-                tmp = f"{path}.tmp{os.getpid()}"
-                with open(tmp, "w") as f:
-                    f.writelines(kept)
-                replace_durably(tmp, path)
+                write_durably(path, lambda f: f.writelines(kept), "w")
             self.file = open(path, "a")
             if importlib.util.find_spec("tensorboard"):
                 from torch.utils.tensorboard import SummaryWriter
