@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import fid
 
+
 def find_images(root):
     """All image files under root, recursively, sorted; an error when there are none."""
     if not os.path.isdir(root):
@@ -125,7 +126,6 @@ class SyntheticImages(ImageDataset):
         return img.filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.5)))
 
 
-
 def held_out(paths, split, root):
     """The training scripts' split of a folder without train/ and val/: 1 image in 100 in sorted path order (1
     in n // 2 of n < 200 images: at least one) is for validation and never trained on, so that the validation
@@ -163,7 +163,6 @@ def load_split(data, split, size, train=False, aug_scale=1.0, limit=None, seed=0
     dataset = ImageFolder(paths, size, train, aug_scale, seed, root=root)
     dataset.note = note
     return dataset
-
 
 
 class ResumableSampler(DistributedSampler):
