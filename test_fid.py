@@ -66,9 +66,9 @@ def real_inception():
     return fid.load_inception(FID_HELPER_WEIGHTS)
 
 @pytest.fixture(scope="module")
-def real_weights_pth(real_inception, tmp_path_factory):
+def real_weights_pth(real_inception, module_dir):
     """The real network as a standard (torch-fidelity / pytorch-fid layout) state dict file."""
-    path = tmp_path_factory.mktemp("weights") / "inception.pth"
+    path = module_dir / "inception.pth"
     torch.save(with_fc(real_inception.state_dict()), path)
     return str(path)
 

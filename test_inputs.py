@@ -41,9 +41,9 @@ def in_tmp(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def ckpt(module_dir):
     torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    path = str(module_dir / "tiny.safetensors")
     SSDD("f8c4", TINY).save(path)
     return path
 

@@ -41,12 +41,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def lpips_ref(tmp_path_factory):
+def lpips_ref(module_dir):
     """The lpips package's AlexNet LPIPS with a random backbone and the real v0.1 heads, and that backbone
     saved under torchvision's names (what evaluate.py's --lpips-backbone takes)."""
     torch.manual_seed(0)
     ref = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
-    path = str(tmp_path_factory.mktemp("lpips") / "alexnet.pth")
+    path = str(module_dir / "alexnet.pth")
     torch.save({"features." + k.split(".", 1)[1]: v for k, v in ref.net.state_dict().items()}, path)
     return ref, path
 
@@ -90,8 +90,9 @@ def read_log(run_dir):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, lpips_ref):
-    root = tmp_path_factory.mktemp("pipeline")
+def pipeline(module_dir, lpips_ref):
+    root = module_dir / "pipeline"
+    root.mkdir()
     torch.manual_seed(123)
     encoder_ckpt = str(root / "encoder.safetensors")
     SSDD("f8c4", TINY).save(encoder_ckpt)

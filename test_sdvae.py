@@ -97,8 +97,8 @@ def reference_latent(h, w):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("sdvae")
+def files(module_dir):
+    d = module_dir
     sd = reference().state_dict()
     # the VAE's decoder is ignored: one file holds all of it, the others (smaller, faster) a few of its tensors
     few = {k: v for k, v in sd.items() if not k.startswith("decoder.") or k.startswith("decoder.conv_in.")}

@@ -385,9 +385,9 @@ STEPS = 8  # 3 steps per epoch of the 12 training photos: the run crosses two ep
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, encoder_ckpt):
+def full_run(module_dir, encoder_ckpt):
     """One uninterrupted single-process run, with the real FID network when available."""
-    run_dir = tmp_path_factory.mktemp("full")
+    run_dir = module_dir / "full"
     extra = ["--fid-weights", fid_helper_weights()] if fid_helper_weights() else []
     train_ae.main(cli(run_dir, encoder_ckpt, STEPS, PHOTOS, *extra))
     return run_dir
