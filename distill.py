@@ -146,16 +146,13 @@ def distill(args, rank, world, device):
         loss = sum(weights[k] * v for k, v in terms.items())
         loss.backward()
         norms = raw.clip_grad_norms()  # the student's and the REPA head's, each clipped on its own
-        if gan_on:  # the critic's loss and gradient, the teacher's samples as the real images
-            terms["critic"], norms["critic_grad_norm"] = losses.critic_backward(critic_model, x_T, out["x0_hat"],
-                                                                                out["x_t"], t)
+        if gan_on:  # the critic learns with the teacher's samples as the real images
+            terms["critic"], norms["critic_grad_norm"] = losses.critic_step(critic_model, critic_optimizer, x_T,
+                                                                            out["x0_hat"], out["x_t"], t)
         logged = dict(loss=loss, **norms, **terms)
         runs.stop_unless_finite(logged, step, state_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if gan_on:
-            critic_optimizer.step()
-            critic_optimizer.zero_grad(set_to_none=True)
         step += 1
         optim.update_ema(ema, student, optimizer, optim.ema_decay(step, args.ema_start))
         window.add(logged, time.time() - t0)  # .item() above synchronised

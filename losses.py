@@ -215,12 +215,16 @@ def critic_gan_loss(critic, real, fake, x_t, t):
         return (bce(p_real, 1.0) + bce(p_fake, 0.0)) / 2
 
 
-def critic_backward(critic, real, fake, x_t, t):
-    """The critic's loss and gradient, clipped to norm optim.GRAD_CLIP on its own; returns (loss, the norm
-    before clipping). critic: the Critic or its DDP wrapper."""
+def critic_step(critic, optimizer, real, fake, x_t, t):
+    """One update of the critic: its loss, backward, gradient clipped to norm optim.GRAD_CLIP on its own, and
+    its optimizer's step; returns (loss, the norm before clipping). critic: the Critic or its DDP wrapper.
+    Independent of the model's step (the fakes are detached), so the order of the two does not matter."""
     loss = critic_gan_loss(critic, real, fake, x_t, t)
     loss.backward()
-    return loss, torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.GRAD_CLIP)
+    norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.GRAD_CLIP)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, norm
 
 
 # ----------------------------------------------------------------------------------------------------------

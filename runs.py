@@ -89,9 +89,9 @@ def compile_and_wrap(loss_model, lpips, dino, critic, compile_flag, device):
 
 
 def stop_unless_finite(values, step, state_path):
-    """Every rank stops (SystemExit) before the weights change when one of the step's losses or gradient
-    norms (values: {name: scalar tensor}) is not finite on some rank, so the last checkpoint stays the last
-    good one."""
+    """Every rank stops (SystemExit) before the model's weights change when one of the step's losses or
+    gradient norms (values: {name: scalar tensor}) is not finite on some rank; nothing is saved after it, so
+    the last checkpoint stays the last good one."""
     bad = torch.stack([~torch.isfinite(v.detach()) for v in values.values()]).any().float()
     if all_reduce(bad, dist.ReduceOp.MAX).item():
         raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} "

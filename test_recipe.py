@@ -418,25 +418,31 @@ def test_gan_losses_equal_hand_computed_bce():
         assert losses.generator_gan_loss(critic, fake, x_t, t).dtype == torch.float32
         torch.testing.assert_close(losses.generator_gan_loss(critic, fake, x_t, t), gen.detach(), rtol=1e-6, atol=0)
         torch.testing.assert_close(losses.critic_gan_loss(critic, real, fake, x_t, t), crit.detach(), rtol=1e-6, atol=0)
-    # the critic's backward: its own gradient only (the fake is detached), clipped to norm 0.1 on its own
+    # the critic's step: its own gradient only (the fake is detached), clipped to norm 0.1 on its own, then
+    # its optimizer steps (which sees the clipped gradient) and the gradient is cleared
     fake.grad = None
-    loss, norm = losses.critic_backward(critic, real, fake, x_t, t)
-    grads = [p.grad for p in critic.parameters()]
-    assert fake.grad is None and norm > 0.1
+    optimizer, grads = torch.optim.SGD(critic.parameters(), lr=1.0), []
+    optimizer.register_step_pre_hook(lambda *_: grads.extend(p.grad.clone() for p in critic.parameters()))
+    before = [p.detach().clone() for p in critic.parameters()]
+    loss, norm = losses.critic_step(critic, optimizer, real, fake, x_t, t)
+    assert loss.item() == pytest.approx(crit.item(), rel=1e-6)
+    assert fake.grad is None and norm > 0.1 and all(p.grad is None for p in critic.parameters())
     assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(0.1, rel=1e-4)
+    for b, p, g in zip(before, critic.parameters(), grads):  # SGD at lr 1: the step is the gradient
+        torch.testing.assert_close(b - p.detach(), g, rtol=0, atol=1e-7)
 
 
 def test_distillation_gan_uses_the_teachers_samples(tmp_path, encoder_ckpt, offline, monkeypatch):
     """distill.py --gan: the critic's real images are the teacher's samples, the fakes the student's one step."""
     decoded, critic_calls = [], []
-    decode, backward = SSDD.decode, losses.critic_backward
+    decode, critic_step = SSDD.decode, losses.critic_step
     monkeypatch.setattr(SSDD, "decode", lambda self, *a, **k: decoded.append(decode(self, *a, **k)) or decoded[-1])
-    monkeypatch.setattr(losses, "critic_backward", lambda *a: critic_calls.append(a) or backward(*a))
+    monkeypatch.setattr(losses, "critic_step", lambda *a: critic_calls.append(a) or critic_step(*a))
     distill.main(["--teacher", encoder_ckpt, "--teacher-steps", "2", "--data", PHOTOS, "--im", "64", "--batch-size",
                   "2", "--max-steps", "2", "--run-dir", str(tmp_path), "--lpips-weight", "0", "--repa-weight", "0",
                   "--num-workers", "0", "--eval-images", "2", "--log-every", "1", "--gan", "--gan-start", "1"])
     assert len(critic_calls) == 1  # from step 2 on
-    _, real, fake, x_t, t = critic_calls[0]
+    _, _, real, fake, x_t, t = critic_calls[0]
     assert real is decoded[1] and torch.equal(t, torch.ones(2))
     log = [r for r in read_log(tmp_path) if "loss" in r]
     assert "critic" not in log[0] and 0 < log[1]["critic"] < math.inf and 0 < log[1]["gan"] < math.inf

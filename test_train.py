@@ -297,9 +297,7 @@ def test_critic_learns():
     x_t = (1 - t.view(-1, 1, 1, 1)) * real + t.view(-1, 1, 1, 1) * torch.randn_like(real)
     history = []
     for _ in range(30):
-        loss, _ = losses.critic_backward(critic, real, fake, x_t, t)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _ = losses.critic_step(critic, optimizer, real, fake, x_t, t)
         history.append(loss.item())
     assert history[-1] < 0.3 * math.log(2) and history[-1] < 0.3 * history[0], history
     # the generator's loss rewards fakes the critic takes for real

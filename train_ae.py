@@ -167,16 +167,13 @@ def train(args, rank, world, device):
         loss = sum(weights[k] * v for k, v in terms.items())
         loss.backward()
         norms = raw.clip_grad_norms()  # the SSDD model's and the REPA head's, each clipped on its own
-        if gan_on:  # the critic's loss and gradient on the same batch; it steps after the model
-            terms["critic"], norms["critic_grad_norm"] = losses.critic_backward(critic_model, x, out["x0_hat"],
-                                                                                out["x_t"], t)
+        if gan_on:  # the critic learns from the same batch
+            terms["critic"], norms["critic_grad_norm"] = losses.critic_step(critic_model, critic_optimizer, x,
+                                                                            out["x0_hat"], out["x_t"], t)
         logged = dict(loss=loss, **norms, **terms)
         runs.stop_unless_finite(logged, step, state_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if gan_on:
-            critic_optimizer.step()
-            critic_optimizer.zero_grad(set_to_none=True)
         step += 1
         optim.update_ema(ema, ssdd, optimizer, optim.ema_decay(step, args.ema_start))
         window.add(logged, time.time() - t0)  # .item() above synchronised
