@@ -243,19 +243,25 @@ def check_run_args(args):
 # The run directory, checkpoints and resume
 
 
+def torchrun_job():
+    """(rendezvous id, restarted): the id of a torchrun launch that may restart its workers (--max-restarts
+    above 0; None otherwise) and whether these workers are such a restart."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none" also for torchrun's static rendezvous
+    if job == "none" or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) == 0:
+        return None, False
+    return job, int(os.environ["TORCHELASTIC_RESTART_COUNT"]) > 0
+
+
 def default_run_dir(prefix):
     """runs/<prefix><date-time>, created here (with a suffix -1, -2, ... when a run launched in the same second
     took the name). Under torchrun with --max-restarts the name is noted in runs/.torchrun-<prefix><rendezvous
-    id>, and the workers torchrun restarts after a failure read it back, so that they resume the run (a new
-    one when it failed before its first checkpoint); a fresh launch always starts a new run."""
-    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # "none" also for torchrun's static rendezvous
-    noted = job != "none" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+    id>, and the workers torchrun restarts after a failure read it back, so that they go on with the same run;
+    a fresh launch always starts a new run."""
+    job, restarted = torchrun_job()
     note = os.path.join("runs", f".torchrun-{prefix}{job}")
-    if noted and int(os.environ["TORCHELASTIC_RESTART_COUNT"]) > 0 and os.path.exists(note):
+    if restarted and os.path.exists(note):
         with open(note) as f:
-            run_dir = f.read()
-        if os.path.exists(os.path.join(run_dir, "state.pt")):
-            return run_dir
+            return f.read()
     name = os.path.join("runs", prefix + datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs("runs", exist_ok=True)
     for n in itertools.count():
@@ -265,7 +271,7 @@ def default_run_dir(prefix):
             break
         except FileExistsError:
             pass
-    if noted:
+    if job:
         with open(note, "w") as f:
             f.write(run_dir)
     return run_dir
@@ -276,23 +282,31 @@ def open_run_dir(run_dir, prefix, rank):
     (run_dir, path of state.pt, the saved training state or None): an existing state.pt means resume, and
     rank 0 then removes the temporary files of writes that a crash interrupted. A directory that holds other
     files but no state.pt stops every rank before anything is written: a run from step 0 would overwrite
-    them (an empty one is used)."""
+    them. Two exceptions: an empty one is used, and so is one that an earlier attempt of this torchrun launch
+    (marked in run_dir/.torchrun) left before its first checkpoint: its restarted workers start it again."""
     chosen = [None, None]  # the run dir, or why every rank stops
     if rank == 0:
         run_dir = run_dir or default_run_dir(prefix)
-        found = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []
-        if "state.pt" in found:
+        job, restarted = torchrun_job()
+        marker = os.path.join(run_dir, ".torchrun")
+        found = sorted(f for f in os.listdir(run_dir) if f != ".torchrun") if os.path.isdir(run_dir) else []
+        ours = restarted and os.path.exists(marker) and open(marker).read() == job
+        if found and "state.pt" not in found and not ours:
+            chosen[1] = (f"{run_dir} holds earlier output ({', '.join(found)}) but no training state (state.pt) "
+                         f"to resume; start a new run with another --run-dir, or remove this one")
+        else:
             leftovers = [f for f in found if re.fullmatch(r".+\.tmp\d+", f)]  # name.tmp<pid>: an unfinished write
             for f in leftovers:
                 os.remove(os.path.join(run_dir, f))
             if leftovers:
                 print(f"removed the unfinished writes {leftovers} of an earlier attempt from {run_dir}")
-            chosen[0] = run_dir
-        elif found:
-            chosen[1] = (f"{run_dir} holds earlier output ({', '.join(found)}) but no training state (state.pt) "
-                         f"to resume; start a new run with another --run-dir, or remove this one")
-        else:
+            if found and "state.pt" not in found:
+                print(f"starting {run_dir} again from step 0: the earlier attempt of this torchrun launch stopped "
+                      f"before its first checkpoint")
             os.makedirs(run_dir, exist_ok=True)
+            if job:
+                with open(marker, "w") as f:
+                    f.write(job)
             chosen[0] = run_dir
     if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0)
@@ -413,7 +427,7 @@ class RunLog:
         self.file = self.writer = None
         if rank == 0:
             path = os.path.join(run_dir, "log.jsonl")
-            if step and os.path.exists(path):
+            if os.path.exists(path):  # a resumed or restarted run
                 with open(path) as f:
                     kept = [line for line in f if logged_step(line) <= step]
                 write_durably(path, lambda f: f.writelines(kept), "w")

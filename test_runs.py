@@ -6,6 +6,7 @@ import datetime
 import math
 import os
 
+import pytest
 import torch
 
 import losses
@@ -30,25 +31,32 @@ def test_launches_in_the_same_second_get_their_own_run_dirs(tmp_path, monkeypatc
     assert all(os.path.isdir(d) for d in dirs)
 
 
-def test_torchrun_restarts_resume_the_noted_run_once_it_has_a_state(tmp_path, monkeypatch):
-    """Workers that torchrun restarts resume the run dir of the first attempt when it saved a training state;
-    before its first checkpoint there is nothing to resume, and they start a new run (the old dir would be
-    refused: it holds output but no state.pt)."""
+def test_torchrun_restarts_go_on_with_the_run_of_their_launch(tmp_path, monkeypatch, capsys):
+    """Workers that torchrun restarts take the run dir of their launch's first attempt; one that attempt left
+    before its first checkpoint is started again, in a launch of its own it is refused (the same for an
+    explicit --run-dir); without --max-restarts nothing is noted or marked."""
     monkeypatch.chdir(tmp_path)
     env = dict(TORCHELASTIC_RUN_ID="job7", TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_RESTART_COUNT="0")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    first = runs.default_run_dir("")
-    open(os.path.join(first, "log.jsonl"), "w").close()
+    first, _, state = runs.open_run_dir(None, "", 0)
+    assert state is None and os.listdir(first) == [".torchrun"]
+    open(os.path.join(first, "log.jsonl"), "w").close()  # the first attempt fails before its first checkpoint
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    second = runs.default_run_dir("")  # the first attempt failed before its first checkpoint
-    assert second != first and os.listdir(second) == []
-    open(os.path.join(second, "state.pt"), "w").close()
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
-    assert runs.default_run_dir("") == second
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job8")  # a new launch: a new run
+    assert runs.open_run_dir(None, "", 0)[0] == first
+    assert runs.open_run_dir(first, "", 0)[0] == first
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job8")  # another launch
+    with pytest.raises(SystemExit):
+        runs.open_run_dir(first, "", 0)
+    assert f"error: {first} holds earlier output (log.jsonl) but no training state" in capsys.readouterr().err
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert runs.default_run_dir("") not in (first, second)
+    assert runs.open_run_dir(None, "", 0)[0] != first  # a new launch: a new run
+    notes = sorted(f for f in os.listdir("runs") if f.startswith("."))
+    assert notes == [".torchrun-job7", ".torchrun-job8"]
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job9")
+    assert os.listdir(runs.open_run_dir(None, "", 0)[0]) == []
+    assert sorted(f for f in os.listdir("runs") if f.startswith(".")) == notes
 
 
 def test_checkpoint_files_are_fsynced_before_and_after_their_rename(tmp_path, monkeypatch):

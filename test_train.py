@@ -563,6 +563,24 @@ def test_torchrun_restart_resumes_in_the_default_run_dir(tmp_path, encoder_ckpt,
     assert losses == [(r["step"], r["loss"]) for r in read_log(full_run) if "loss" in r]
 
 
+def test_torchrun_restart_before_the_first_checkpoint_starts_the_run_again(tmp_path, encoder_ckpt, full_run):
+    """torchrun --max-restarts 1 with --run-dir: the first attempt stops on a NaN loss at step 3, before its
+    first checkpoint; the restarted worker starts that run dir again from step 0 (another launch would be
+    refused: test_runs.py) and ends as the uninterrupted run, each step logged once."""
+    run_dir = tmp_path / "run"
+    poison = POISON_STEP_7_OF_FIRST_ATTEMPT.replace("7)", "3)")
+    out = torchrun(1, cli(run_dir, encoder_ckpt, STEPS, PHOTOS, "--ckpt-every", "6"), tmp_path,
+                   launcher=("--max-restarts", "1"), prelude=poison)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "non-finite loss or gradient at step 3" in out.stderr
+    assert f"starting {run_dir} again from step 0" in out.stdout
+    restarted, full = state(run_dir), state(full_run)
+    for key in ("model", "ema"):
+        torch.testing.assert_close(restarted[key], full[key], rtol=0, atol=0)
+    losses = [(r["step"], r["loss"]) for r in read_log(run_dir) if "loss" in r]
+    assert losses == [(r["step"], r["loss"]) for r in read_log(full_run) if "loss" in r]
+
+
 def test_ranks_that_see_different_states_stop(tmp_path, encoder_ckpt, no_fid):
     """As on nodes without a shared filesystem: rank 1 cannot see the state.pt that rank 0 resumes from."""
     train_ae.main(cli(tmp_path / "run", encoder_ckpt, 1))
