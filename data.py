@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 import fid
 
@@ -27,16 +29,12 @@ def find_images(root):
     return paths
 
 
-def resize_short_side(img, short, resample):
-    w, h = img.size
-    return img.resize((max(short, round(w * short / min(w, h))), max(short, round(h * short / min(w, h)))), resample)
-
-
 def train_crop(img, size, aug_scale, rng):
     """Short side resized (Lanczos) to a random length in [size, aug_scale * size), or to size when aug_scale is
-    1 (no scale augmentation, the official default), then a random crop and a random flip."""
+    1 (no scale augmentation, the official default), then a random crop and a random flip. The resize is
+    torchvision's (the long side truncated to an integer)."""
     short = rng.randrange(size, math.ceil(aug_scale * size)) if aug_scale > 1 else size
-    img = resize_short_side(img, short, Image.LANCZOS)
+    img = TF.resize(img, short, InterpolationMode.LANCZOS)
     w, h = img.size
     left, top = rng.randint(0, w - size), rng.randint(0, h - size)
     img = img.crop((left, top, left + size, top + size))
@@ -44,11 +42,9 @@ def train_crop(img, size, aug_scale, rng):
 
 
 def eval_crop(img, size):
-    """Short side resized (bilinear) to size, center crop."""
-    img = resize_short_side(img, size, Image.BILINEAR)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    """Short side resized (bilinear) to size, center crop: torchvision's Resize(size) and CenterCrop(size), the
+    usual ImageNet evaluation transform, pixel for pixel."""
+    return TF.center_crop(TF.resize(img, size, InterpolationMode.BILINEAR), size)
 
 
 def to_tensor(img):

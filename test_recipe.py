@@ -103,9 +103,10 @@ def test_readme_commands_are_the_recipe():
 
 
 def plain_train_crop(img, size, rng):
-    """The official default: the short side resized to size with Lanczos, a random crop, a random flip."""
+    """The official default: the short side resized to size with Lanczos (the long side truncated, as
+    torchvision's Resize does), a random crop, a random flip."""
     w, h = img.size
-    img = img.resize((round(w * size / min(w, h)), round(h * size / min(w, h))), Image.LANCZOS)
+    img = img.resize((int(w * size / min(w, h)), int(h * size / min(w, h))), Image.LANCZOS)
     left, top = rng.randint(0, img.size[0] - size), rng.randint(0, img.size[1] - size)
     img = img.crop((left, top, left + size, top + size))
     return img.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
@@ -113,7 +114,7 @@ def plain_train_crop(img, size, rng):
 
 def test_train_transform_without_scale_augmentation(tmp_path):
     rng = np.random.default_rng(0)
-    for shape in ((90, 120, 3), (131, 70, 3), (64, 64, 3)):
+    for shape in ((90, 120, 3), (131, 70, 3), (70, 131, 3), (64, 64, 3)):
         img = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8))
         for seed in range(10):
             got = data.train_crop(img, 64, 1.0, random.Random(seed))

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from PIL import Image
 
 import data
@@ -179,6 +180,12 @@ def test_crops_and_per_sample_augmentation(tmp_path):
     center = data.eval_crop(img, 64)  # bilinear short side 90 -> 64, width 120 -> 85, center crop
     want = img.resize((85, 64), Image.BILINEAR).crop((10, 0, 74, 64))
     assert np.array_equal(np.asarray(center), np.asarray(want))
+    # torchvision's evaluation transform, where its integer rounding matters: a long side of 64 * 131 / 70 =
+    # 119.8 truncated to 119, a centre offset of (67 - 64) / 2 = 1.5 rounded to 2
+    reference = torchvision.transforms.Compose([torchvision.transforms.Resize(64), torchvision.transforms.CenterCrop(64)])
+    for shape in ((131, 70, 3), (70, 131, 3), (67, 64, 3), (64, 67, 3), (64, 64, 3), (300, 199, 3)):
+        img = Image.fromarray(np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8))
+        assert np.array_equal(np.asarray(data.eval_crop(img, 64)), np.asarray(reference(img))), shape
 
     train = data.load_split(PHOTOS, "train", 64, train=True, aug_scale=2.0, seed=3)
     val = data.load_split(PHOTOS, "val", 64)
