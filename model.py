@@ -1025,10 +1025,10 @@ def load_safetensors(path):
         end = stop
     if end != len(data):
         raise bad(f"{len(data) - end} trailing bytes after the last tensor")
-    tensors = {}
+    tensors, view = {}, memoryview(data)  # the tensors share the file's one buffer: slicing bytes would copy it
     for start, stop, key in spans:
         info = header[key]
-        buf = data[start:stop]
+        buf = view[start:stop]
         t = torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]) if buf else torch.empty(0, dtype=DTYPES[info["dtype"]])
         tensors[key] = t.reshape(info["shape"])
     return tensors, metadata
