@@ -77,12 +77,13 @@ def distill(args, rank, world, device):
     runs.check_memory(teacher.config, args, local_batch, device, train_encoder=False, teacher=True)
     run_dir, state_path, state = runs.open_run_dir(args.run_dir, "distill-", rank)
 
-    # teacher, student (a copy of the teacher), EMA, optimizer; the seed makes the REPA head equal on every rank
+    # teacher, student (a copy of the teacher: the checkpoint is read once), EMA, optimizer; the seed makes the
+    # REPA head equal on every rank
+    student = copy.deepcopy(teacher).requires_grad_(True)
+    student.default_steps = 1
     teacher.to(device)
     teacher.time_power = args.teacher_time_power or teacher.time_power
     torch.manual_seed(args.seed)
-    student = SSDD.from_checkpoint(args.teacher)
-    student.default_steps = 1
     raw = losses.TrainingLoss(student, train_encoder=False, repa=args.repa_weight > 0).to(device)
     if state is None:
         with runs.input_errors():
