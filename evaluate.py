@@ -75,12 +75,9 @@ def load_metric_networks(args, device, n_images):
     if n_images < 2:
         unavailable["rfid"] = f"FID needs at least 2 images, the data has {n_images}"
     else:
-        try:
-            inception = fid.load_inception(args.fid_weights, device=device)
-        except RuntimeError as e:  # a download (the message names --fid-weights)
-            if args.fid_weights:
-                raise
-            unavailable["rfid"] = str(e)
+        inception, why = fid.load_inception_unless_offline(args.fid_weights, device)
+        if why:
+            unavailable["rfid"] = why
     try:
         lpips = fid.LPIPS("alex", heads=args.lpips_heads, backbone=args.lpips_backbone).to(device)
     except RuntimeError as e:  # a download (the message names --lpips-backbone or --lpips-heads)

@@ -307,6 +307,17 @@ def load_inception(weights=None, device="cpu", flag="--fid-weights"):
     load_into(model, sd, weights or INCEPTION_URL)
     return model.to(device).eval().requires_grad_(False)
 
+
+def load_inception_unless_offline(weights=None, device="cpu"):
+    """(the FID Inception, None), or (None, why) when its default download failed (offline), so that rFID can be
+    left out instead of stopping the script; weights given explicitly must load."""
+    try:
+        return load_inception(weights, device=device), None
+    except RuntimeError as e:  # a failed download; the message names --fid-weights
+        if weights:
+            raise
+        return None, str(e)
+
 # -----------------------------------------------------------------------------
 # feature statistics and the Frechet distance
 

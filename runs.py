@@ -501,16 +501,11 @@ class LogWindow:
 
 
 def load_inception_or_none(weights, device, rank):
-    """The FID Inception for validation: weights given explicitly must load; the default download may fail
-    offline, and rFID is then skipped (None)."""
-    try:
-        return fid.load_inception(weights, device=device)
-    except RuntimeError as e:
-        if weights:
-            raise
-        if rank == 0:
-            print(f"rFID unavailable ({e}); evaluating PSNR and SSIM only", file=sys.stderr)
-        return None
+    """The FID Inception for validation, or None when it could not be downloaded: rFID is then skipped."""
+    inception, why = fid.load_inception_unless_offline(weights, device)
+    if why and rank == 0:
+        print(f"rFID unavailable ({why}); evaluating PSNR and SSIM only", file=sys.stderr)
+    return inception
 
 
 def validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid, rank, log, repa_head=None,
