@@ -291,7 +291,8 @@ def open_run_dir(run_dir, prefix, rank):
         marker = os.path.join(run_dir, ".torchrun")
         found = sorted(f for f in os.listdir(run_dir) if f != ".torchrun") if os.path.isdir(run_dir) else []
         ours = restarted and os.path.exists(marker) and open(marker).read() == job
-        if found and "state.pt" not in found and not ours:
+        unresumable = found and "state.pt" not in found  # output of a run that saved no training state
+        if unresumable and not ours:
             chosen[1] = (f"{run_dir} holds earlier output ({', '.join(found)}) but no training state (state.pt) "
                          f"to resume; start a new run with another --run-dir, or remove this one")
         else:
@@ -300,7 +301,7 @@ def open_run_dir(run_dir, prefix, rank):
                 os.remove(os.path.join(run_dir, f))
             if leftovers:
                 print(f"removed the unfinished writes {leftovers} of an earlier attempt from {run_dir}")
-            if found and "state.pt" not in found:
+            if unresumable:
                 print(f"starting {run_dir} again from step 0: the earlier attempt of this torchrun launch stopped "
                       f"before its first checkpoint")
             os.makedirs(run_dir, exist_ok=True)
@@ -371,10 +372,8 @@ def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, 
         state = dict(step=step, best_rfid=best_rfid, args=vars(args), model=loss_model.ssdd.state_dict(),
                      ema=ema.state_dict(), optimizer=optimizer.state_dict(), **repa, **gan)
         write_durably(os.path.join(run_dir, "state.pt"), lambda f: torch.save(state, f))
-        ema.save(os.path.join(run_dir, "ema.safetensors"), step=step, **metadata)
-        repa_head = repa_head_weights(loss_model, optimizer)
-        if repa_head is not None:
-            save_safetensors(repa_head, repa_head_path(os.path.join(run_dir, "ema.safetensors")))
+        save_weights(ema, os.path.join(run_dir, "ema.safetensors"), repa_head_weights(loss_model, optimizer),
+                     step=step, **metadata)
     barrier()
 
 
@@ -386,6 +385,14 @@ def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, 
 def repa_head_path(ckpt):
     """runs/m128/ema.safetensors -> runs/m128/ema.repa.safetensors."""
     return os.path.splitext(ckpt)[0] + ".repa.safetensors"
+
+
+def save_weights(ema, path, repa_head, **metadata):
+    """The EMA model at path (the official layout, with metadata) and repa_head (repa_head_weights; None
+    without REPA) beside it, the files that --init, --teacher and evaluate.py take."""
+    ema.save(path, **metadata)
+    if repa_head is not None:
+        save_safetensors(repa_head, repa_head_path(path))
 
 
 def repa_head_weights(loss_model, optimizer):
@@ -527,9 +534,7 @@ def validate(ema, val_set, args, local_batch, device, inception, run_dir, step, 
         torchvision.utils.save_image(grid, os.path.join(run_dir, "samples", f"{step:08d}.png"))
         log.image("eval/samples", grid, step)
         if rfid is not None and rfid < best_rfid:
-            ema.save(os.path.join(run_dir, "best.safetensors"), step=step, rfid=rfid, **metadata)
-            if repa_head is not None:
-                save_safetensors(repa_head, repa_head_path(os.path.join(run_dir, "best.safetensors")))
+            save_weights(ema, os.path.join(run_dir, "best.safetensors"), repa_head, step=step, rfid=rfid, **metadata)
     barrier()
     return best_rfid if rfid is None else min(best_rfid, rfid)
 
