@@ -121,7 +121,7 @@ def parse_args(argv=None):
                    "has train/ and val/), or 'synthetic'")
     p.add_argument("--split", default="val", help="val (as the official code) or train")
     p.add_argument("--im", type=int, default=256, help="resolution of the images the latents will encode")
-    p.add_argument("--limit", type=int, default=None, help="use a fixed random subset of this many images")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images in sorted path order")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch on each process")
     p.add_argument("--num-workers", type=int, default=fid.default_workers(), help="data loader processes per "
                    "rank (default: this machine's CPUs shared by its ranks, at most 8)")
