@@ -274,7 +274,10 @@ def convert_fid_helper(path, model):
     94 convolutions in our order, each with BN beta/mean/var but no BN scale (TF's graph has none)."""
     with warnings.catch_warnings():  # torch.jit.load is deprecated, but it is the only reader of this file
         warnings.simplefilter("ignore")
-        ts = torch.jit.load(path, map_location="cpu").state_dict()
+        try:
+            ts = torch.jit.load(path, map_location="cpu").state_dict()
+        except RuntimeError as e:  # a damaged archive; torch's message does not name the file
+            raise ValueError(f"{path} is not a readable TorchScript file ({str(e).splitlines()[0]})") from None
     theirs = [k[:-len(".weight")] for k in ts if k.endswith(".weight")]
     ours = [name for name, m in model.named_modules() if isinstance(m, Conv)]
     shapes_ok = len(theirs) == len(ours) and all(
@@ -311,11 +314,11 @@ def load_inception(weights=None, device="cpu", flag="--fid-weights"):
 def load_inception_unless_offline(weights=None, device="cpu"):
     """(the FID Inception, None), or (None, why) when its default download failed (offline), so that rFID can be
     left out instead of stopping the script; weights given explicitly must load."""
-    try:
+    if weights is not None:
         return load_inception(weights, device=device), None
+    try:
+        return load_inception(device=device), None
     except RuntimeError as e:  # a failed download; the message names --fid-weights
-        if weights:
-            raise
         return None, str(e)
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
 import zlib
 
 import lpips
@@ -210,6 +211,11 @@ def test_bad_files_are_one_line(offline, capsys, ckpt, monkeypatch, files):
           slow)
     stops(capsys, evaluate.main, eval_argv(ckpt, "--fid-weights", a_list), "list.pth holds a list, not a state dict",
           slow)
+    broken = files / "broken.pt"  # a zip that looks like TorchScript (it has a code/ folder) but is not one
+    with zipfile.ZipFile(broken, "w") as z:
+        z.writestr("archive/code/x.py", "garbage")
+    stops(capsys, evaluate.main, eval_argv(ckpt, "--fid-weights", broken), "broken.pt is not a readable TorchScript "
+          "file", slow)
     stops(capsys, evaluate.main, eval_argv(ckpt, "--fid-weights", alex), "alexnet.pth does not hold the weights of "
           "InceptionV3: Missing key(s)", slow)
     stops(capsys, evaluate.main, eval_argv(ckpt, "--lpips-backbone", ckpt, "--lpips-heads", heads["alex"]),
