@@ -1,5 +1,8 @@
-"""Fixtures shared by the test files that run short trainings on the CPU."""
+"""Fixtures shared by the test files."""
+import io
 import shutil
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
@@ -33,3 +36,23 @@ def encoder_ckpt(module_dir):
     path = str(module_dir / "encoder.safetensors")
     SSDD("f8c4", dict(widths=(32, 32, 64, 64), depth=2, heads=2)).save(path)
     return path
+
+
+class Served(io.BytesIO):
+    headers = {}  # no Content-Length, as in a chunked reply
+
+
+@pytest.fixture
+def fake_internet(monkeypatch, tmp_path):
+    """model.download fetches into tmp_path from the {url: bytes} dict returned; other URLs are unreachable.
+    (test_download.py tests it against a real HTTP server.)"""
+    served = {}
+
+    def urlopen(url, timeout):
+        if url not in served:
+            raise urllib.error.URLError("no internet")
+        return Served(served[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    return served

@@ -1,5 +1,6 @@
-"""Data: image folders and generated images, the train and eval crops, the one function that picks a split,
-and the resumable distributed sampler.
+"""Data: every image the repo reads (file discovery, the one image opener, folders for evaluation and FID
+statistics), generated images, the train and eval crops, the one function that picks a split, and the
+resumable distributed sampler. Imports no other module of the project.
 
 Every random choice of a training sample (its scale, crop, flip) comes from a generator seeded by (seed,
 epoch, index), so a sample is augmented the same way whatever the number of ranks or workers.
@@ -16,17 +17,106 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-import fid
+
+# ----------------------------------------------------------------------------------------------------------
+# Image files: found, opened and checked the same way by every script
+
+IMAGE_EXTENSIONS = (".bmp", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+def image_files(root):
+    """Sorted paths of the image files under root, searched recursively. Linked folders are followed, each
+    real folder once: a link loop would otherwise list the same images over and over (41 times on Linux,
+    where a path may pass 40 links), and two links to one folder would list its images twice."""
+    seen, paths = {os.path.realpath(root)}, []
+    for d, dirs, names in os.walk(root, followlinks=True):
+        dirs.sort()  # the first link to a folder, in sorted order, is the one listed
+        for name in list(dirs):
+            real = os.path.realpath(os.path.join(d, name))
+            if real in seen:
+                dirs.remove(name)  # pruned in place: os.walk does not descend into it
+            seen.add(real)
+        paths += [os.path.join(d, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(paths)
 
 
 def find_images(root):
     """All image files under root, recursively, sorted; an error when there are none."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data folder {root!r} does not exist (or is not a folder)")
-    paths = fid.image_files(root)
+    paths = image_files(root)
     if not paths:
-        raise FileNotFoundError(f"no images ({', '.join(fid.IMAGE_EXTENSIONS)}) found under {root!r}")
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root!r}")
     return paths
+
+
+def open_rgb(path):
+    """The image file at path as an 8-bit RGB PIL image, the one way every script reads images. 16-bit
+    grayscale (Pillow's modes I;16 and I) is scaled to 8 bits as round(v / 257), where Pillow's own
+    convert("RGB") clips it, turning all but the darkest 0.4% of a 0..65535 ramp white; float images (mode
+    F) are taken to hold [0, 1]. Pillow decodes 16-bit colour PNGs to 8 bits itself, as v >> 8 (at most 1
+    below round(v / 257)); palette, gray + alpha, CMYK and the rest convert as Pillow does, alpha dropped."""
+    with Image.open(path) as im:
+        if im.mode.startswith("I") or im.mode == "F":
+            v = np.asarray(im, dtype=np.float64) * (255 if im.mode == "F" else 1 / 257)
+            return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8)).convert("RGB")
+        return im.convert("RGB")
+
+
+def load_image(path):
+    """uint8 tensor (3, H, W) of the image file at path, as it is (no resize)."""
+    try:
+        return torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def image_size(path):
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except OSError as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+
+
+def same_size_images(root, rank=0, world_size=1):
+    """This rank's share of the image files under root (at least 2 in all, as a covariance needs), after
+    checking that they can be opened and have the size of the first one, so that they batch as they are:
+    the folders whose FID statistics fid.py computes."""
+    files = image_files(root)
+    if len(files) < 2:
+        raise ValueError(f"found {len(files)} image(s) ({', '.join(IMAGE_EXTENSIONS)}) under {root}: FID needs "
+                         f"at least 2")
+    size = image_size(files[0])
+    for f in files[rank::world_size]:
+        if image_size(f) != size:
+            raise ValueError(f"{f} is {'x'.join(map(str, image_size(f)))} but {files[0]} is "
+                             f"{'x'.join(map(str, size))}: the images of a folder must all have one size")
+    return files[rank::world_size]
+
+
+class ImageFiles(Dataset):
+    """Image files as uint8 tensors (3, H, W), unchanged (load_image)."""
+
+    def __init__(self, files):
+        self.files = files
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return load_image(self.files[i])
+
+
+def default_workers():
+    """Data loader processes per rank: the CPUs this process may use, shared by the ranks on this machine, at
+    most 8. More workers than CPUs only compete for them (and torch warns on every run)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets: the crops, image folders, generated images and splits
 
 
 def train_crop(img, size, aug_scale, rng):
@@ -85,7 +175,7 @@ class ImageFolder(ImageDataset):
         for k in range(min(self.MAX_CONSECUTIVE_FAILURES, len(self.paths))):
             path = self.paths[(i + k) % len(self.paths)]
             try:
-                return fid.open_rgb(path)
+                return open_rgb(path)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
                 print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
         raise RuntimeError(f"{self.MAX_CONSECUTIVE_FAILURES} consecutive images from {self.paths[i]} on could not "

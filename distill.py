@@ -52,8 +52,8 @@ def check_args(args):
     """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
     runs.check_run_args(args)
     runs.check_files(args, "teacher", url=True)
-    runs.check_at_least(args, 1, "teacher_steps")
-    runs.check_positive(args, "teacher_time_power")
+    runs.check_min(args, 1, "teacher_steps")
+    runs.check_min(args, 0, "teacher_time_power", strict=True)
 
 
 def main(argv=None):
@@ -99,7 +99,7 @@ def distill(args, rank, world, device):
                                                       critic_optimizer)
         del state
     optimizer.train()
-    weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, gan=args.gan_weight)
+    loss_weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, gan=args.gan_weight)
 
     # the frozen networks of the losses, and the FID Inception for validation
     with runs.input_errors():
@@ -111,15 +111,15 @@ def distill(args, rank, world, device):
     latent_shape = (student.decoder.z_channels, args.im // student.factor, args.im // student.factor)
     grid = args.im // 8  # the decoder's transformer works at 1/8 resolution
     model, lpips, dino, critic_model = runs.compile_and_wrap(raw, lpips, dino, critic, args.compile, device)
-    if cuda if args.compile is None else args.compile:
+    if runs.compile_enabled(args.compile, device):
         teacher.encoder, teacher.decoder = torch.compile(teacher.encoder), torch.compile(teacher.decoder)
 
     if rank == 0:
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
-        print(f"distilling {args.teacher} ({args.teacher_steps} steps, time power "
-              f"{teacher.time_power:g}) into one step: {len(train_set)} training / "
-              f"{len(val_set)} validation images{val_set.note}, {steps_per_epoch} steps per epoch, {total_steps} steps, run dir {run_dir}")
+        print(f"distilling {args.teacher} ({args.teacher_steps} steps, time power {teacher.time_power:g}) into "
+              f"one step: {len(train_set)} training / {len(val_set)} validation images{val_set.note}, "
+              f"{steps_per_epoch} steps per epoch, {total_steps} steps, run dir {run_dir}")
     log = runs.RunLog(run_dir, rank, step)
     window = runs.LogWindow(device)
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
@@ -130,7 +130,8 @@ def distill(args, rank, world, device):
         x = x.to(device, non_blocking=True)
         # train_ae's per-sample noise (independent of the number of ranks, repeated on resume); t and the
         # posterior noise are unused: t is 1 and z the teacher's mean
-        _, noise, _ = losses.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world, device)
+        _, noise, _ = losses.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world,
+                                        device)
         t = torch.ones(len(x), device=device)
         gan_on = critic is not None and step >= args.gan_start
         with runs.autocast(device):
@@ -144,7 +145,7 @@ def distill(args, rank, world, device):
                 terms["lpips"] = lpips(out["x0_hat"], x_T).float().mean()
             if gan_on:
                 terms["gan"] = losses.generator_gan_loss(critic, out["x0_hat"], out["x_t"], t)
-        loss = sum(weights[k] * v for k, v in terms.items())
+        loss = sum(loss_weights[k] * v for k, v in terms.items())
         loss.backward()
         norms = raw.clip_grad_norms()  # the student's and the REPA head's, each clipped on its own
         if gan_on:  # the critic learns with the teacher's samples as the real images

@@ -24,6 +24,7 @@ import torch
 
 import data
 import fid
+import metrics
 import runs
 from model import SSDD, check_image_size
 
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--save-recons", metavar="DIR", default=None, help="write the reconstructions here as PNG")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results here as JSON")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
-    p.add_argument("--num-workers", type=int, default=fid.default_workers(), help="data loader processes per "
+    p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per "
                    "rank (default: this machine's CPUs shared by its ranks, at most 8)")
     return p.parse_args(argv)
 
@@ -57,9 +58,9 @@ def check_args(args):
     """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
     runs.check_files(args, "ckpt", url=True)
     runs.check_files(args, "fid_weights", "lpips_backbone", "lpips_heads")
-    runs.check_at_least(args, 1, "steps", "limit", "batch_size")
-    runs.check_at_least(args, 0, "num_workers")
-    runs.check_positive(args, "time_power")
+    runs.check_min(args, 1, "steps", "limit", "batch_size")
+    runs.check_min(args, 0, "num_workers")
+    runs.check_min(args, 0, "time_power", strict=True)
     runs.check_im(args.im)
     if args.save_recons and os.path.exists(args.save_recons) and not os.path.isdir(args.save_recons):
         runs.error(f"--save-recons {args.save_recons!r} is a file, not a folder")
@@ -79,7 +80,7 @@ def load_metric_networks(args, device, n_images):
         if why:
             unavailable["rfid"] = why
     try:
-        lpips = fid.LPIPS("alex", heads=args.lpips_heads, backbone=args.lpips_backbone).to(device)
+        lpips = metrics.LPIPS("alex", heads=args.lpips_heads, backbone=args.lpips_backbone).to(device)
     except RuntimeError as e:  # a download (the message names --lpips-backbone or --lpips-heads)
         if args.lpips_heads and args.lpips_backbone:
             raise
@@ -89,12 +90,14 @@ def load_metric_networks(args, device, n_images):
 
 def table(results):
     fmt = dict(rfid=("rFID", "{:.3f}"), psnr=("PSNR", "{:.2f} dB"), ssim=("SSIM", "{:.4f}"), lpips=("LPIPS", "{:.4f}"),
-               mse=("MSE", "{:.6f}"), mae=("MAE", "{:.5f}"), encode_img_per_s=("encode", "{:.1f} img/s"), decode_img_per_s=("decode", "{:.1f} img/s"))
+               mse=("MSE", "{:.6f}"), mae=("MAE", "{:.5f}"), encode_img_per_s=("encode", "{:.1f} img/s"),
+               decode_img_per_s=("decode", "{:.1f} img/s"))
     lines = [f"{results['ckpt']}: {results['images']} images at {results['im']} px, {results['steps']} step(s) "
              f"(time power {results['time_power']:g}), {results['device']}"]
     for key, (name, spec) in fmt.items():
         value = results[key]
-        lines.append(f"  {name:<7}" + (spec.format(value) if value is not None else f"unavailable: {results['unavailable'][key]}"))
+        shown = spec.format(value) if value is not None else f"unavailable: {results['unavailable'][key]}"
+        lines.append(f"  {name:<7}{shown}")
     return "\n".join(lines)
 
 
@@ -115,7 +118,7 @@ def evaluate(args, rank, world, device):
         model = SSDD.from_checkpoint(args.ckpt, device)
         check_image_size(args.im, args.im, model.factor)
     if args.save_recons:
-        names = [fid.recon_name(p, dataset.root) for p in dataset.paths]
+        names = [metrics.recon_name(p, dataset.root) for p in dataset.paths]
         if len(set(names)) != len(names):
             runs.error(f"some images under {dataset.root} differ only in their extension: their PNG "
                        f"reconstructions would overwrite each other")
@@ -123,15 +126,16 @@ def evaluate(args, rank, world, device):
         inception, lpips, unavailable = load_metric_networks(args, device, len(dataset))
     steps = args.steps or model.default_steps
     model.time_power = args.time_power or model.time_power
-    if args.compile if args.compile is not None else device.type == "cuda":
+    if runs.compile_enabled(args.compile, device):
         model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
 
-    metrics, _ = fid.reconstruct(model, dataset, args.batch_size, device, steps, args.seed, inception=inception,
-                                 lpips=lpips, save_dir=args.save_recons, workers=args.num_workers, progress=rank == 0)
+    scores, _ = metrics.reconstruct(model, dataset, args.batch_size, device, steps, args.seed, inception=inception,
+                                    lpips=lpips, save_dir=args.save_recons, workers=args.num_workers,
+                                    progress=rank == 0)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     results = dict(ckpt=args.ckpt, data=dataset.root, im=args.im, images=len(dataset), steps=steps,
                    time_power=model.time_power, seed=args.seed,
-                   device=f"{world} x {where}", **metrics, unavailable=unavailable)
+                   device=f"{world} x {where}", **scores, unavailable=unavailable)
     if rank == 0:
         print(table(results))
         if args.json:

@@ -38,7 +38,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-import fid
 import runs
 from model import SSDD, check_image_size, load_safetensors, save_safetensors, write_durably
 
@@ -123,7 +122,7 @@ def parse_args(argv=None):
     p.add_argument("--im", type=int, default=256, help="resolution of the images the latents will encode")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images in sorted path order")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch on each process")
-    p.add_argument("--num-workers", type=int, default=fid.default_workers(), help="data loader processes per "
+    p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per "
                    "rank (default: this machine's CPUs shared by its ranks, at most 8)")
     p.add_argument("--save-latents", default=None, metavar="OUT", help="also write the latents into this folder "
                    "(a rerun keeps its finished shards)")
@@ -135,8 +134,8 @@ def parse_args(argv=None):
 def check_args(args):
     """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
     runs.check_files(args, "ckpt")  # a local file: the statistics are written into it
-    runs.check_at_least(args, 1, "limit", "batch_size", "shard_size")
-    runs.check_at_least(args, 0, "num_workers")
+    runs.check_min(args, 1, "limit", "batch_size", "shard_size")
+    runs.check_min(args, 0, "num_workers")
     runs.check_im(args.im)
     if args.save_latents and os.path.exists(args.save_latents) and not os.path.isdir(args.save_latents):
         runs.error(f"--save-latents {args.save_latents!r} is a file, not a folder")
@@ -168,8 +167,8 @@ def main(argv=None):
             for k in [k for k in shards if os.path.exists(path(k))]:  # finished by an earlier run
                 tensors, metadata = load_safetensors(path(k))
                 if metadata != metadata_now:
-                    raise SystemExit(f"error: {path(k)} holds latents of other settings ({metadata}, now "
-                                     f"{metadata_now}); use another --save-latents folder")
+                    runs.error(f"{path(k)} holds latents of other settings ({metadata}, now {metadata_now}); use "
+                               f"another --save-latents folder")
                 summary = merge(summary, summarize(tensors["latents"]))
                 del shards[k]
             for k in shards:  # what a killed run was writing

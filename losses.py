@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fid
+import metrics
 import optim
+import weights
 from model import timestep_embedding
 
 # REPA: the decoder's transformer tokens are aligned with DINOv2 ViT-B/14 patch features (REPA,
@@ -104,12 +105,12 @@ def load_dinov2(path=None, device="cpu"):
     cache on first use, or a local path), in eval mode. The official release publishes no checksum, so the
     file is checked by loading it strictly: every one of its tensors must have its ViT-B/14 name and shape."""
     if path is None:
-        state = fid.download(DINOV2_URL, hint="pass --dinov2-weights FILE")
+        state = weights.download(DINOV2_URL, hint="pass --dinov2-weights FILE")
     else:
-        state = fid.load_weights(path)
+        state = weights.load(path)
     state.pop("mask_token", None)  # only used by DINOv2's masked-image pretraining
     net = DINOv2()
-    fid.load_into(net, state, path or DINOV2_URL)
+    weights.load_into(net, state, path or DINOV2_URL)
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -275,6 +276,6 @@ def step_noise(seed, step, global_batch, image_shape, latent_shape, rank, world_
 def loss_networks(lpips_weight, repa_weight, dinov2_weights, device, lpips_backbone=None, lpips_heads=None):
     """The frozen LPIPS-VGG and DINOv2 networks, each loaded only when its loss weight is nonzero (else None),
     from the local files given (--dinov2-weights, --lpips-backbone, --lpips-heads) or downloaded."""
-    lpips = fid.LPIPS("vgg", lpips_heads, lpips_backbone).to(device) if lpips_weight > 0 else None  # frozen, eval
+    lpips = metrics.LPIPS("vgg", lpips_heads, lpips_backbone).to(device) if lpips_weight > 0 else None  # frozen, eval
     dino = load_dinov2(dinov2_weights, device) if repa_weight > 0 else None
     return lpips, dino

@@ -16,7 +16,6 @@ import os
 import re
 import struct
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -320,7 +319,8 @@ class Attention(nn.Module):
 
     def forward(self, x, bias):
         B, N, D = x.shape
-        q, k, v = (p(x).view(B, N, self.heads, D // self.heads).transpose(1, 2) for p in (self.to_q, self.to_k, self.to_v))
+        q, k, v = (p(x).view(B, N, self.heads, D // self.heads).transpose(1, 2)
+                   for p in (self.to_q, self.to_k, self.to_v))
         # one bias shared by the whole batch: never a per-sample mask
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[None])
         return self.out_proj(h.transpose(1, 2).reshape(B, N, D))
@@ -425,7 +425,8 @@ class Decoder(nn.Module):
         self.z_channels, self.factor, self.width = z_channels, factor, dim
         self.conv_in = nn.Conv2d(3 + z_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, 4 * c0)
-        self.ada_ctx_proj = nn.Sequential(nn.Conv2d(z_channels, c0, 3, padding=1), nn.SiLU(), nn.Conv2d(c0, c0, 3, padding=1))
+        self.ada_ctx_proj = nn.Sequential(nn.Conv2d(z_channels, c0, 3, padding=1), nn.SiLU(),
+                                          nn.Conv2d(c0, c0, 3, padding=1))
         skips = [c0]
         self.down_blocks = nn.ModuleList()
         cin = c0
@@ -492,7 +493,8 @@ def check_image_size(H, W, factor):
     if H % factor or W % factor or H % 8 or W % 8:
         raise ValueError(f"image sides must be divisible by {max(factor, 8)}; got {H}x{W}")
     if H < 8 * WINDOW or W < 8 * WINDOW:
-        raise ValueError(f"images must be at least {8 * WINDOW} px per side (an {WINDOW}x{WINDOW} token grid); got {H}x{W}")
+        raise ValueError(f"images must be at least {8 * WINDOW} px per side (an {WINDOW}x{WINDOW} token grid); "
+                         f"got {H}x{W}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -813,8 +815,8 @@ def sd_vae_encoder_weights(tensors, encoder, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# downloads into the torch hub cache, with urllib: once, verified, and atomic, so that an interrupted or
-# corrupt download never leaves a file under the name the next call trusts
+# downloads into the torch hub cache, with urllib: once, verified, and written by write_durably, so that an
+# interrupted or corrupt download never leaves a file under the name the next call trusts
 
 def download(url, sha256=None, hint=None, file_name=None):
     """Local path of the file at url, downloaded into <torch hub dir>/checkpoints/<file_name or the URL's file
@@ -837,34 +839,28 @@ def download(url, sha256=None, hint=None, file_name=None):
         return RuntimeError(f"could not download {url} ({why}); fetch it on a machine with internet access and "
                             f"put it at {path}" + (f", or {hint}" if hint else ""))
 
+    def fetch(f):
+        h, n = hashlib.sha256(), 0
+        try:
+            with urllib.request.urlopen(url, timeout=60) as r:
+                size = r.headers.get("Content-Length")
+                print(f"downloading {url} to {path}", file=sys.stderr, flush=True)
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+        except urllib.error.HTTPError as e:
+            raise unavailable(f"HTTP {e.code} {e.reason}") from None
+        except (OSError, http.client.HTTPException) as e:  # offline, refused, reset or timed out
+            raise unavailable(getattr(e, "reason", e)) from None
+        if size is not None and n != int(size):  # urllib returns a body cut short as if it were whole
+            raise unavailable(f"the connection closed after {n} of its {size} bytes")
+        if sha256 and not h.hexdigest().startswith(sha256):
+            raise RuntimeError(f"{url} downloaded with sha256 {h.hexdigest()}, expected {sha256}: "
+                               f"corrupt, or the file changed; not kept")
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".part", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            h, n = hashlib.sha256(), 0
-            try:
-                with urllib.request.urlopen(url, timeout=60) as r:
-                    size = r.headers.get("Content-Length")
-                    print(f"downloading {url} to {path}", file=sys.stderr, flush=True)
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        h.update(chunk)
-                        n += len(chunk)
-            except urllib.error.HTTPError as e:
-                raise unavailable(f"HTTP {e.code} {e.reason}") from None
-            except (OSError, http.client.HTTPException) as e:  # offline, refused, reset or timed out
-                raise unavailable(getattr(e, "reason", e)) from None
-            if size is not None and n != int(size):  # urllib returns a body cut short as if it were whole
-                raise unavailable(f"the connection closed after {n} of its {size} bytes")
-            if sha256 and not h.hexdigest().startswith(sha256):
-                raise RuntimeError(f"{url} downloaded with sha256 {h.hexdigest()}, expected {sha256}: "
-                                   f"corrupt, or the file changed; not kept")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
+    write_durably(path, fetch)
     return path
 
 
@@ -921,13 +917,19 @@ def save_safetensors(tensors, path, metadata=None):
 def write_durably(path, write, mode="wb"):
     """Write a file atomically and durably: write(f) fills path.tmp<pid>, which is fsynced and renamed over
     path, then the directory is fsynced. A crash leaves the old file or the new one, never a half-written one,
-    and without the directory's fsync a power loss can lose the rename."""
+    and without the directory's fsync a power loss can lose the rename. On an error the temporary file is
+    removed and the error raised; a killed process leaves it behind (open_run_dir removes such files)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -1012,7 +1014,8 @@ def load_safetensors(path):
             raise bad(f"tensor {key!r} has an invalid shape {clipped(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
                 and 0 <= offsets[0] <= offsets[1] <= len(data)):
-            raise bad(f"tensor {key!r} has data offsets {clipped(offsets)} outside the {len(data)} data bytes (truncated file?)")
+            raise bad(f"tensor {key!r} has data offsets {clipped(offsets)} outside the {len(data)} data bytes "
+                      f"(truncated file?)")
         nbytes = numel * DTYPES[info["dtype"]].itemsize
         if offsets[1] - offsets[0] != nbytes:
             raise bad(f"tensor {key!r} of shape {clipped(shape)} and dtype {info['dtype']} needs {nbytes} bytes, "

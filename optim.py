@@ -25,7 +25,8 @@ class RAdamScheduleFree(torch.optim.Optimizer):
                 beta1 = group["betas"][0]
                 params = [p for p in group["params"] if "z" in self.state[p]]
                 if params:
-                    torch._foreach_lerp_(params, [self.state[p]["z"] for p in params], 1 - beta1 if train else 1 - 1 / beta1)
+                    torch._foreach_lerp_(params, [self.state[p]["z"] for p in params],
+                                         1 - beta1 if train else 1 - 1 / beta1)
                 group["train_mode"] = train
 
     def train(self):
@@ -58,7 +59,9 @@ class RAdamScheduleFree(torch.optim.Optimizer):
             rho_inf = 2 / (1 - beta2) - 1
             rho_t = rho_inf - 2 * step * beta2**step / (1 - beta2**step)
             adam = rho_t > 4
-            rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) if adam else 0.0
+            rect = 0.0
+            if adam:
+                rect = math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
             lr = group["scheduled_lr"] = group["lr"] * rect
             group["lr_max"] = lr_max = max(lr, group["lr_max"])
             weight = step ** group["r"] * lr_max ** group["weight_lr_power"]

@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data
 import fid
 import losses
+import metrics
 import optim
 from model import SSDD, check_image_size, load_safetensors, save_safetensors, write_durably
 
@@ -71,13 +72,18 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def compile_enabled(flag, device):
+    """Whether to torch.compile: --compile or --no-compile as given, by default on CUDA only."""
+    return device.type == "cuda" if flag is None else flag
+
+
 def compile_and_wrap(loss_model, lpips, dino, critic, compile_flag, device):
     """(model, lpips, dino, critic_model) as the training loop calls them: the loss module and the frozen
     networks compiled (--compile; default on CUDA), the loss module and the critic in DDP under torchrun.
     The critic is not compiled: the generator's term freezes and unfreezes it every step."""
     cuda = device.type == "cuda"
     model, critic_model = loss_model, critic
-    if cuda if compile_flag is None else compile_flag:
+    if compile_enabled(compile_flag, device):
         model = torch.compile(model)
         lpips = torch.compile(lpips) if lpips is not None else None
         dino = torch.compile(dino) if dino is not None else None
@@ -131,7 +137,7 @@ def add_run_args(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="use only the first N training and N validation images "
                    "in sorted path order")
-    p.add_argument("--num-workers", type=int, default=fid.default_workers(), help="data loader processes per rank "
+    p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per rank "
                    "(default: this machine's CPUs shared by its ranks, at most 8)")
     p.add_argument("--dinov2-weights", default=None, help="local dinov2_vitb14_pretrain.pth (default: download)")
     p.add_argument("--fid-weights", default=None, help="local FID Inception weights (default: download)")
@@ -150,7 +156,9 @@ def training_data(args):
     if len(train_set) < args.batch_size:
         error(f"{len(train_set)} training images, fewer than one batch of {args.batch_size}")
     steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = args.epochs * steps_per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * steps_per_epoch)
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps is not None:
+        total_steps = min(args.max_steps, total_steps)
     args.eval_images = eval_images_default(args, total_steps)
     return train_set, val_set, steps_per_epoch, total_steps
 
@@ -199,20 +207,13 @@ def check_files(args, *names, url=False):
                                                             else "does not exist"))
 
 
-def check_at_least(args, minimum, *names):
-    """Each of these options (None: not given) must be at least minimum; NaN is not."""
+def check_min(args, minimum, *names, strict=False):
+    """Each of these options (None: not given) must be at least minimum, or above it when strict; NaN is
+    neither."""
     for name in names:
         value = getattr(args, name)
-        if value is not None and not value >= minimum:
-            error(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
-
-
-def check_positive(args, *names):
-    """Each of these options (None: not given) must be positive; NaN is not."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            error(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if value is not None and not (value > minimum if strict else value >= minimum):
+            error(f"--{name.replace('_', '-')} must be {'above' if strict else 'at least'} {minimum}, got {value}")
 
 
 def check_im(im, factor=1):
@@ -227,11 +228,11 @@ def check_run_args(args):
     """The options of add_run_args, and --lr, --epochs and --im, which both training scripts define with their
     own defaults (--im against the encoder's factor: the script's own check). The data folder is checked when
     loaded, before the run directory is made."""
-    check_at_least(args, 1, "batch_size", "epochs", "max_steps", "eval_every", "eval_images", "ckpt_every",
-                   "log_every", "limit", "aug_scale")
-    check_at_least(args, 0, "num_workers", "lpips_weight", "repa_weight", "gan_weight", "weight_decay", "ema_start",
-                   "gan_start")
-    check_positive(args, "lr")
+    check_min(args, 1, "batch_size", "epochs", "max_steps", "eval_every", "eval_images", "ckpt_every",
+              "log_every", "limit", "aug_scale")
+    check_min(args, 0, "num_workers", "lpips_weight", "repa_weight", "gan_weight", "weight_decay", "ema_start",
+              "gan_start")
+    check_min(args, 0, "lr", strict=True)
     check_im(args.im)
     check_files(args, "dinov2_weights", "fid_weights", "lpips_backbone", "lpips_heads")
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -339,7 +340,8 @@ def restore_training_state(state, loss_model, ema, optimizer, args, run_dir, ran
         critic_optimizer.load_state_dict(state["disc_optimizer"])
     changed = {k: (state["args"].get(k), v) for k, v in vars(args).items() if state["args"].get(k) != v}
     if rank == 0:
-        print(f"resuming {run_dir} at step {state['step']}" + (f"; arguments changed (was, now): {changed}" if changed else ""))
+        print(f"resuming {run_dir} at step {state['step']}"
+              + (f"; arguments changed (was, now): {changed}" if changed else ""))
     return state["step"], state["best_rfid"]
 
 
@@ -498,7 +500,8 @@ class LogWindow:
         world = dist.get_world_size() if dist.is_initialized() else 1
         names = sorted(self.sums)
         sums = all_reduce(torch.stack([self.sums[k] for k in names])).tolist()
-        out = dict(step=step, epoch=step / steps_per_epoch, **{k: s / (self.counts[k] * world) for k, s in zip(names, sums)},
+        means = {k: s / (self.counts[k] * world) for k, s in zip(names, sums)}
+        out = dict(step=step, epoch=step / steps_per_epoch, **means,
                    img_per_s=self.steps * images_per_step / self.seconds, lr=lr)
         if self.device.type == "cuda":
             out["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
@@ -521,12 +524,12 @@ def validate(ema, val_set, args, local_batch, device, inception, run_dir, step, 
     originals above reconstructions, keep its weights as best.safetensors (with metadata), and repa_head
     (repa_head_weights, None without REPA) beside them, when its rFID is the lowest so far. Returns the best
     rFID."""
-    metrics, (orig, rec) = fid.reconstruct(ema, val_set, local_batch, device, num_images=args.eval_images,
-                                           seed=args.seed, inception=inception, workers=args.num_workers)
-    log(dict(step=step, eval=metrics))
-    rfid = metrics["rfid"]
+    scores, (orig, rec) = metrics.reconstruct(ema, val_set, local_batch, device, num_images=args.eval_images,
+                                              seed=args.seed, inception=inception, workers=args.num_workers)
+    log(dict(step=step, eval=scores))
+    rfid = scores["rfid"]
     if rank == 0:
-        print(f"step {step}: validation PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}"
+        print(f"step {step}: validation PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}"
               + (f", rFID {rfid:.2f}" if rfid is not None else ""), flush=True)
         grid = torchvision.utils.make_grid(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5, nrow=min(8, len(orig)))
         # made here, not in open_run_dir: a run that fails during its setup leaves its run dir empty, reusable
@@ -594,7 +597,7 @@ def training_step_bytes(config, args, train_encoder, teacher=False):
     with torch.device("meta"):
         ssdd = SSDD(**config)
         loss_model = losses.TrainingLoss(ssdd, train_encoder, repa=args.repa_weight > 0)
-        vgg = fid.vgg16_features() if args.lpips_weight > 0 else None
+        vgg = metrics.vgg16_features() if args.lpips_weight > 0 else None
         critic = losses.Critic() if args.gan else None
         frozen = [fid.InceptionV3(), vgg, losses.DINOv2() if args.repa_weight > 0 else None, ssdd if teacher else None]
         x = torch.zeros(1, 3, args.im, args.im)

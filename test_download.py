@@ -111,7 +111,7 @@ def test_killed_download_never_takes_the_final_name(server, cache, monkeypatch):
     with pytest.raises(RuntimeError):
         download(server.url + "/w.pth")
     (temporary,) = os.listdir(cache)
-    assert temporary.startswith("w.pth.") and temporary.endswith(".part")
+    assert re.fullmatch(r"w\.pth\.tmp\d+", temporary)
 
 
 def test_hash_mismatch_leaves_nothing(server, cache):

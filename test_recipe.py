@@ -26,9 +26,11 @@ import distill
 import evaluate
 import fid
 import losses
+import metrics
 import optim
 import runs
 import train_ae
+import weights
 from model import SSDD, load_safetensors
 from test_train import PHOTOS, TINY, cli, read_log, state
 
@@ -48,7 +50,7 @@ def offline(monkeypatch):
         return losses.DINOv2(depth=1).to(device).eval().requires_grad_(False)
 
     monkeypatch.setattr(fid, "load_inception", unavailable)
-    monkeypatch.setattr(fid, "download", lambda url, hint, file_name=None: unavailable())
+    monkeypatch.setattr(weights, "download", lambda url, hint, file_name=None: unavailable())
     monkeypatch.setattr(losses, "load_dinov2", tiny_dinov2)
 
 
@@ -164,7 +166,7 @@ def test_limit_takes_the_first_images_in_sorted_order(tmp_path):
             return z
 
     val = data.load_split(str(tmp_path), "val", 64)
-    fid.reconstruct(Record(), val, 2, torch.device("cpu"), num_images=5, workers=0)
+    metrics.reconstruct(Record(), val, 2, torch.device("cpu"), num_images=5, workers=0)
     torch.testing.assert_close(torch.cat(Record.seen), torch.stack([val[i] for i in range(5)]), rtol=0, atol=0)
 
 
@@ -313,7 +315,7 @@ def test_best_weights_get_their_repa_head(tmp_path, monkeypatch):
     """validate() writes best.repa.safetensors beside best.safetensors when the rFID improves."""
     rfids = iter([2.0, 3.0])
     x = torch.zeros(2, 3, 64, 64)
-    monkeypatch.setattr(fid, "reconstruct", lambda *a, **k: (dict(rfid=next(rfids), psnr=20.0, ssim=0.5), (x, x)))
+    monkeypatch.setattr(metrics, "reconstruct", lambda *a, **k: (dict(rfid=next(rfids), psnr=20.0, ssim=0.5), (x, x)))
     (tmp_path / "samples").mkdir()
     log = runs.RunLog(str(tmp_path), 0)
     args = argparse.Namespace(eval_images=2, seed=0, num_workers=0)
@@ -452,25 +454,7 @@ def test_distillation_gan_uses_the_teachers_samples(tmp_path, encoder_ckpt, offl
 
 
 # ----------------------------------------------------------------------------------------------------------
-# evaluation: MSE and MAE, the sampler's time power
-
-
-def test_mse_and_mae_equal_numpy():
-    class Shift(torch.nn.Module):
-        def encode(self, x):
-            return x
-
-        def decode(self, z, steps=None, noise=None):
-            return z + 0.3 * torch.sin(7 * z)
-
-    val = data.load_split(PHOTOS, "val", 64)
-    metrics, _ = fid.reconstruct(Shift(), val, 4, torch.device("cpu"), num_images=5, workers=0)
-    x = torch.stack([val[i] for i in range(5)]).double().numpy()
-    a = np.clip(np.round(255 * (x + 1) / 2), 0, 255) / 255  # uint8-quantised, then in [0, 1]
-    b = np.clip(np.round(255 * (x + 0.3 * np.sin(7 * x) + 1) / 2), 0, 255) / 255
-    assert metrics["mse"] == pytest.approx(np.mean((a - b) ** 2), rel=1e-9)
-    assert metrics["mae"] == pytest.approx(np.mean(np.abs(a - b)), rel=1e-9)
-    assert metrics["psnr"] == pytest.approx(-10 * math.log10(metrics["mse"]), rel=1e-12)
+# evaluation: the sampler's time power
 
 
 def test_evaluate_time_power(tmp_path, offline, capsys):
@@ -494,7 +478,7 @@ def test_evaluate_time_power(tmp_path, offline, capsys):
     with torch.no_grad():
         z = model.encode(x)
         for power, folder in ((3.0, "rec"), (4.0, "rec4")):
-            want = fid.to_uint8(model.decode(z, steps=3, noise=noise, time_power=power))
-            got = torch.stack([fid.load_image(str(tmp_path / folder / fid.recon_name(p, val.root))) for p in val.paths])
+            want = metrics.to_uint8(model.decode(z, steps=3, noise=noise, time_power=power))
+            got = torch.stack([data.load_image(str(tmp_path / folder / metrics.recon_name(p, val.root))) for p in val.paths])
             assert (got.int() - want.int()).abs().max() <= 1  # float rounding may move a value by one level
             assert (got.int() - want.int()).abs().float().mean() < 1e-3

