@@ -80,13 +80,14 @@ class DINOv2(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def pos_embedding(self, h, w):
-        """Patch position embeddings resized bicubically to an h x w grid. The +0.1 in the scale factor is
-        the official code's guard against rounding the output size down; it also sets the sample points."""
+        """Patch position embeddings resized bicubically (in float32) to an h x w grid, as the transformers
+        Dinov2Model of the official code resizes them: to the output size itself. The dinov2 repository's own
+        code samples at a scale factor of (h + 0.1) / 37 instead, which gives slightly different embeddings."""
         n = int(math.sqrt(self.pos_embed.shape[1] - 1))
         cls_pos, patch_pos = self.pos_embed[:, :1].float(), self.pos_embed[:, 1:].float()
         if (h, w) != (n, n):
             grid = patch_pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid, scale_factor=((h + 0.1) / n, (w + 0.1) / n), mode="bicubic")
+            grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
             patch_pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([cls_pos, patch_pos], dim=1)
 

@@ -117,7 +117,7 @@ def test_ema_tracks_averaged_weights():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# DINOv2 ViT-B/14 == the dinov2 package's model with the same weights
+# DINOv2 ViT-B/14 == the dinov2 package's model and transformers' Dinov2Model with the same weights
 
 
 def test_dinov2_matches_package():
@@ -147,15 +147,55 @@ def test_dinov2_matches_package():
         ours.load_state_dict({k: v for k, v in torch.load(path, weights_only=True).items() if k != "mask_token"})
     finally:
         os.remove(path)
-    images = torch.rand(2, 3, 64, 64) * 2 - 1
-    for grid in (8, 37):  # 8: interpolated position embeddings (64 px SSDD); 37: the pretraining grid
-        x = losses.dinov2_input(images, grid)
-        assert x.shape[-1] == 14 * grid
+    # at the pretraining grid, where the two codes agree; elsewhere the position embeddings are resized as the
+    # official code's transformers model resizes them (test_dinov2_matches_transformers)
+    x = losses.dinov2_input(torch.rand(2, 3, 64, 64) * 2 - 1, 37)
+    with torch.no_grad():
+        want = ref.forward_features(x)["x_norm_patchtokens"]
+        got = ours(x)
+    assert got.shape == (2, 37 * 37, 768)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dinov2_matches_transformers():
+    """The official REPA target is the transformers Dinov2Model of facebook/dinov2-base: its patch tokens at the
+    REPA inputs of 128 and 256 px training (224 and 448 px, 16x16 and 32x32 grids, position embeddings resized
+    from 37x37), with random weights of the ViT-B/14 configuration (two of its twelve blocks, to save time:
+    the embeddings are what differs between implementations). Measured: equal to the bit; the dinov2
+    repository's scale factor of (h + 0.1) / 37 differs by 0.14 (224 px) and 0.08 (448 px) relative."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=768, num_hidden_layers=2, num_attention_heads=12, patch_size=14, image_size=518,
+                          layerscale_value=1.0, layer_norm_eps=1e-6)
+    ref = Dinov2Model(config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.02 if p.ndim > 1 else 0.5)
+        ref.embeddings.position_embeddings.normal_(0, 1)  # position embeddings as large as the patch features
+    sd = ref.state_dict()
+    ours = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
+            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+            "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
+    for i in range(2):
+        theirs = lambda name: sd[f"encoder.layer.{i}.{name}"]
+        for p in ("weight", "bias"):
+            ours[f"blocks.{i}.attn.qkv.{p}"] = torch.cat([theirs(f"attention.{q}_proj.{p}") for q in "qkv"])
+            ours[f"blocks.{i}.attn.proj.{p}"] = theirs(f"attention.o_proj.{p}")
+            for name in ("norm1", "norm2", "mlp.fc1", "mlp.fc2"):
+                ours[f"blocks.{i}.{name}.{p}"] = theirs(f"{name}.{p}")
+        for k in (1, 2):
+            ours[f"blocks.{i}.ls{k}.gamma"] = theirs(f"layer_scale{k}.lambda1")
+    net = losses.DINOv2(depth=2).eval()
+    net.load_state_dict(ours)
+    for im in (128, 256):
+        x = losses.dinov2_input(torch.rand(1, 3, im, im) * 2 - 1, im // 8)
         with torch.no_grad():
-            want = ref.forward_features(x)["x_norm_patchtokens"]
-            got = ours(x)
-        assert got.shape == (2, grid * grid, 768)
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            want = ref(pixel_values=x).last_hidden_state[:, 1:]
+            got = net(x)
+        assert got.shape == want.shape == (1, (im // 8) ** 2, 768)
+        assert ((got - want).norm() / want.norm()).item() < 1e-6
 
 
 def test_repa_loss():
