@@ -89,14 +89,15 @@ def load_metric_networks(args, device, n_images):
 
 
 def table(results):
-    fmt = dict(rfid=("rFID", "{:.3f}"), psnr=("PSNR", "{:.2f} dB"), ssim=("SSIM", "{:.4f}"), lpips=("LPIPS", "{:.4f}"),
-               mse=("MSE", "{:.6f}"), mae=("MAE", "{:.5f}"), encode_img_per_s=("encode", "{:.1f} img/s"),
-               decode_img_per_s=("decode", "{:.1f} img/s"))
+    rows = dict(rfid=("rFID", "{:.3f}"), psnr=("PSNR", "{:.2f} dB"), ssim=("SSIM", "{:.4f}"), lpips=("LPIPS", "{:.4f}"),
+                mse=("MSE", "{:.6f} (images in [0, 1]; 1000 x MSE, as the official logs show it: {:.3f})"),
+                mae=("MAE", "{:.5f} (images in [0, 1])"), encode_img_per_s=("encode", "{:.1f} img/s"),
+                decode_img_per_s=("decode", "{:.1f} img/s"))
     lines = [f"{results['ckpt']}: {results['images']} images at {results['im']} px, {results['steps']} step(s) "
              f"(time power {results['time_power']:g}), {results['device']}"]
-    for key, (name, spec) in fmt.items():
+    for key, (name, spec) in rows.items():
         value = results[key]
-        shown = spec.format(value) if value is not None else f"unavailable: {results['unavailable'][key]}"
+        shown = spec.format(value, 1000 * value) if value is not None else f"unavailable: {results['unavailable'][key]}"
         lines.append(f"  {name:<7}{shown}")
     return "\n".join(lines)
 
@@ -135,7 +136,7 @@ def evaluate(args, rank, world, device):
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     results = dict(ckpt=args.ckpt, data=dataset.root, im=args.im, images=len(dataset), steps=steps,
                    time_power=model.time_power, seed=args.seed,
-                   device=f"{world} x {where}", **scores, unavailable=unavailable)
+                   device=f"{world} x {where}", **scores, unavailable=unavailable, units=metrics.UNITS)
     if rank == 0:
         print(table(results))
         if args.json:

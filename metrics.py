@@ -18,6 +18,14 @@ from tqdm import tqdm
 import fid
 import weights
 
+# What each figure of reconstruct() is, as evaluate.py prints it and writes it into its JSON. MSE and MAE are of
+# the uint8-quantised images mapped to [0, 1]; the official evaluation logs MSE multiplied by 1000.
+UNITS = dict(rfid="FID against the originals, TF Inception pool features", psnr="dB, data range 1, from the set's MSE",
+             ssim="per image (7x7 window, data range 1), averaged", lpips="v0.1, AlexNet, per image, averaged",
+             mse="mean squared error of images in [0, 1] (the official logs show 1000 x this)",
+             mae="mean absolute error of images in [0, 1]", encode_img_per_s="images/s per process",
+             decode_img_per_s="images/s per process")
+
 # the LPIPS v0.1 linear heads, downloaded on first use and checked against their sha256
 LPIPS_HEADS_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/{}.pth"
 LPIPS_HEADS_SHA256 = {

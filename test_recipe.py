@@ -458,7 +458,8 @@ def test_distillation_gan_uses_the_teachers_samples(tmp_path, encoder_ckpt, offl
 
 
 def test_evaluate_time_power(tmp_path, offline, capsys):
-    """evaluate.py --time-power samples on that grid (default: the checkpoint's) and reports MSE and MAE."""
+    """evaluate.py --time-power samples on that grid (default: the checkpoint's) and reports MSE and MAE, labelled
+    with their unit (images in [0, 1]) and MSE also as the official logs show it (x 1000)."""
     torch.manual_seed(0)
     model = SSDD("f8c4", json.loads(TINY))
     model.time_power = 3.0
@@ -470,6 +471,9 @@ def test_evaluate_time_power(tmp_path, offline, capsys):
     assert results["time_power"] == 3.0 and results["images"] == 2
     out = capsys.readouterr().out
     assert "time power 3" in out and re.search(r"MSE +0\.\d+", out) and re.search(r"MAE +0\.\d+", out)
+    assert f"{results['mse']:.6f} (images in [0, 1]; 1000 x MSE, as the official logs show it: " \
+           f"{1000 * results['mse']:.3f})" in out
+    assert "images in [0, 1]" in results["units"]["mse"] and "1000" in results["units"]["mse"]
     results = evaluate.main(common + ["--time-power", "4", "--save-recons", str(tmp_path / "rec4")])
     assert results["time_power"] == 4.0 and isinstance(results["mse"], float) and isinstance(results["mae"], float)
     val = data.load_split(PHOTOS, "val", 64, limit=2)
