@@ -7,6 +7,8 @@ import urllib.request
 import pytest
 import torch
 
+import metrics
+import weights
 from model import SSDD
 
 
@@ -56,3 +58,22 @@ def fake_internet(monkeypatch, tmp_path):
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     return served
+
+
+@pytest.fixture
+def evaluated(monkeypatch):
+    """evaluate.py without its metric networks (every weight download fails, as offline: no rFID, no LPIPS),
+    recording the models metrics.reconstruct, its evaluation loop, is given."""
+    models = []
+    reconstruct = metrics.reconstruct
+
+    def offline(url, hint, file_name=None):
+        raise RuntimeError(f"could not download {url} (offline test), or {hint}")
+
+    def recorded(model, *args, **kwargs):
+        models.append(model)
+        return reconstruct(model, *args, **kwargs)
+
+    monkeypatch.setattr(weights, "download", offline)
+    monkeypatch.setattr(metrics, "reconstruct", recorded)
+    return models

@@ -34,7 +34,9 @@ from model import SSDD
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", required=True, help="SSDD .safetensors to distill (train_ae.py's best.safetensors)")
+    p.add_argument("--teacher", required=True, help="SSDD .safetensors to distill (train_ae.py's best.safetensors): "
+                   "a path, an https:// URL or a published name such as F8C4_M_256")
+    runs.add_encoder_ckpt_arg(p, "--teacher")
     p.add_argument("--teacher-steps", type=int, default=12, help="Euler steps of the teacher's samples (the first "
                    "release: 7)")
     p.add_argument("--teacher-time-power", type=float, default=None, help="time grid of the teacher's sampler "
@@ -52,6 +54,7 @@ def check_args(args):
     """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
     runs.check_run_args(args)
     runs.check_files(args, "teacher", url=True)
+    runs.check_encoder_ckpt(args)
     runs.check_min(args, 1, "teacher_steps")
     runs.check_min(args, 0, "teacher_time_power", strict=True)
 
@@ -72,7 +75,7 @@ def distill(args, rank, world, device):
     # data, the teacher, and whether a step fits in memory: checked before the run directory is made
     train_set, val_set, steps_per_epoch, total_steps = runs.training_data(args)
     with runs.input_errors():
-        teacher = SSDD.from_checkpoint(args.teacher).requires_grad_(False)
+        teacher = SSDD.from_checkpoint(args.teacher, encoder=args.encoder_ckpt).requires_grad_(False)
     runs.check_im(args.im, teacher.factor)
     runs.check_memory(teacher.config, args, local_batch, device, train_encoder=False, teacher=True)
     run_dir, state_path, state = runs.open_run_dir(args.run_dir, "distill-", rank)

@@ -2,8 +2,12 @@
 rFID, PSNR, SSIM, LPIPS, MSE, MAE and encode / decode throughput.
 
     python evaluate.py --ckpt runs/m256/best.safetensors --data /imagenet --im 256 --limit 5000 --json m256.json
-    torchrun --nproc_per_node 8 evaluate.py --ckpt demo_f8c4_M_128.safetensors --data /imagenet/val --im 128
-    python evaluate.py --ckpt demo_f8c4_M_128.safetensors --data my_photos --im 128 --save-recons my_recons
+    torchrun --nproc_per_node 8 evaluate.py --ckpt F8C4_M_256 --data /imagenet/val --im 256 --steps 8
+    python evaluate.py --ckpt demo_f8c4_M_128 --data my_photos --im 128 --save-recons my_recons
+    python evaluate.py --ckpt sdvae_decoder.safetensors --encoder-ckpt sd-vae-ft-mse --data my_photos --im 256
+
+--ckpt is a path, a URL or the name of a checkpoint the authors publish (F8C4_M_256: README); a checkpoint that
+holds only a decoder (the authors' decoders for the SD-VAE latent space) takes its encoder from --encoder-ckpt.
 
 Images get the eval transform (short side resized bilinearly to --im, center crop); a folder with train/ and
 val/ is evaluated on val/; --limit N takes the first N images in sorted path order (on ImageNet val, --limit
@@ -31,11 +35,14 @@ from model import SSDD, check_image_size
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="SSDD .safetensors (ours or the official layout)")
+    p.add_argument("--ckpt", required=True, help="SSDD .safetensors (ours or the official layout): a path, an "
+                   "https:// URL or a published name such as F8C4_M_256 (downloaded once)")
+    runs.add_encoder_ckpt_arg(p, "--ckpt")
     p.add_argument("--data", required=True, help="image folder, searched recursively (its val/ when it has "
                    "train/ and val/)")
     p.add_argument("--im", type=int, default=256, help="resolution of the eval transform")
-    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the checkpoint's, 1 once distilled)")
+    p.add_argument("--steps", type=int, default=None, help="Euler steps (default: the checkpoint's, 1 once distilled; "
+                   "the authors' files have none, so 8: give 1 for their distilled ones)")
     p.add_argument("--time-power", type=float, default=None, help="the sampler's time grid (1 - i / steps)^p "
                    "(default: the checkpoint's, 2 in the authors' update; their first release used 4)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images in sorted path order (the "
@@ -57,6 +64,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
     runs.check_files(args, "ckpt", url=True)
+    runs.check_encoder_ckpt(args)
     runs.check_files(args, "fid_weights", "lpips_backbone", "lpips_heads")
     runs.check_min(args, 1, "steps", "limit", "batch_size")
     runs.check_min(args, 0, "num_workers")
@@ -116,7 +124,7 @@ def main(argv=None):
 def evaluate(args, rank, world, device):
     with runs.input_errors():  # the data first: a wrong folder is found before a checkpoint is downloaded
         dataset = data.load_split(args.data, "val", args.im, limit=args.limit)
-        model = SSDD.from_checkpoint(args.ckpt, device)
+        model = SSDD.from_checkpoint(args.ckpt, device, encoder=args.encoder_ckpt)
         check_image_size(args.im, args.im, model.factor)
     if args.save_recons:
         names = [metrics.recon_name(p, dataset.root) for p in dataset.paths]
@@ -134,9 +142,9 @@ def evaluate(args, rank, world, device):
                                     lpips=lpips, save_dir=args.save_recons, workers=args.num_workers,
                                     progress=rank == 0)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    results = dict(ckpt=args.ckpt, data=dataset.root, im=args.im, images=len(dataset), steps=steps,
-                   time_power=model.time_power, seed=args.seed,
-                   device=f"{world} x {where}", **scores, unavailable=unavailable, units=metrics.UNITS)
+    results = dict(ckpt=args.ckpt, encoder_ckpt=args.encoder_ckpt, data=dataset.root, im=args.im, images=len(dataset),
+                   steps=steps, time_power=model.time_power, seed=args.seed, device=f"{world} x {where}", **scores,
+                   unavailable=unavailable, units=metrics.UNITS)
     if rank == 0:
         print(table(results))
         if args.json:

@@ -11,6 +11,8 @@ train for the other; a folder without them is used whole), eval transform (short
 center crop), accumulated in float64 and combined across processes. They are printed and written into the
 checkpoint's metadata (atomically, every tensor and other field kept as it was), where SSDD.from_checkpoint
 reads them: model.normalize_latent(z) = (z - mean) / std, model.denormalize_latent undoes it before decoding.
+A checkpoint that holds only a decoder (the authors' decoders for the SD-VAE latent space) takes its encoder from
+--encoder-ckpt, and the statistics are those of that encoder's latents.
 
 Latents (--save-latents OUT), the features a latent diffusion model trains on (DiT-style training code
 extracts them first): shards of --shard-size consecutive images, OUT/latents-<k>-of-<n>.safetensors
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 import data
 import runs
-from model import SSDD, check_image_size, load_safetensors, save_safetensors, write_durably
+from model import SSDD, check_image_size, load_safetensors, published_url, save_safetensors, write_durably
 
 
 def merge(a, b):
@@ -115,7 +117,8 @@ def write_stats(path, mean, std):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="SSDD .safetensors; its metadata gets the statistics")
+    p.add_argument("--ckpt", required=True, help="SSDD .safetensors; its metadata gets the statistics (a local file)")
+    runs.add_encoder_ckpt_arg(p, "--ckpt")
     p.add_argument("--data", required=True, help="image folder, searched recursively (its --split subfolder when it "
                    "has train/ and val/), or 'synthetic'")
     p.add_argument("--split", default="val", help="val (as the official code) or train")
@@ -133,7 +136,12 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
-    runs.check_files(args, "ckpt")  # a local file: the statistics are written into it
+    remote = published_url(args.ckpt) or args.ckpt
+    if remote.startswith(("https://", "http://")):
+        runs.error(f"--ckpt {args.ckpt}: the statistics are written into the checkpoint, so it must be a local file; "
+                   f"download {remote} and give its path")
+    runs.check_files(args, "ckpt")
+    runs.check_encoder_ckpt(args)
     runs.check_min(args, 1, "limit", "batch_size", "shard_size")
     runs.check_min(args, 0, "num_workers")
     runs.check_im(args.im)
@@ -148,7 +156,7 @@ def main(argv=None):
     try:
         with runs.input_errors():  # the data first: a wrong folder is found before the checkpoint is read
             dataset = data.load_split(args.data, args.split, args.im, limit=args.limit)
-            model = SSDD.from_checkpoint(args.ckpt, device)
+            model = SSDD.from_checkpoint(args.ckpt, device, encoder=args.encoder_ckpt)
             check_image_size(args.im, args.im, model.factor)
         out = args.save_latents
         # shard k: images [k * shard_size, (k + 1) * shard_size), computed by rank k % world

@@ -623,14 +623,19 @@ class SSDD(nn.Module):
         save_safetensors(self.state_dict(), path, {k: json.dumps(v) for k, v in meta.items()})
 
     @classmethod
-    def from_checkpoint(cls, path, device="cpu", sha256=None):
+    def from_checkpoint(cls, path, device="cpu", sha256=None, encoder=None):
         """Load an official or our .safetensors checkpoint; the configuration is read off the tensor shapes,
         default_steps, time_power and the latent statistics off its metadata (official checkpoints have none:
         8 steps on the power-2 grid).
-        path may be an https:// URL, downloaded once into the torch hub cache and checked against sha256 (see
-        download); the file is parsed, never unpickled."""
-        if str(path).startswith(("https://", "http://")):
-            path = download(path, sha256)
+        path: a local file, an https:// URL or the name of a published checkpoint (published_url, e.g.
+        "F8C4_M_256"); a URL is downloaded once into the torch hub cache and checked against sha256 (see
+        download); the file is parsed, never unpickled.
+        encoder: the encoder to put in front of the file's decoder, anything encoder_weights reads (an SD-VAE
+        file in either layout, "sd-vae-ft-mse", an SSDD checkpoint, a URL or a published name). Required for a
+        file that holds only a decoder, as the authors' decoders for the SD-VAE latent space do (their code
+        keeps the VAE outside the module's state); for a complete checkpoint it replaces the file's encoder.
+        The model saves as a complete checkpoint, encoder included."""
+        path = checkpoint_file(path, sha256)
         tensors, meta = load_safetensors(path)
         # a default of more than 1000 steps is no sampler setting (the network is fed 1000 t), only a way for
         # a file to make decode() run for hours
@@ -642,9 +647,16 @@ class SSDD(nn.Module):
             raise ValueError(f"{path}: metadata holds only one of latent_mean and latent_std")
         mean = metadata_number(meta, "latent_mean", path, False, math.isfinite, "a finite number", None)
         std = metadata_number(meta, "latent_std", path, False, lambda s: 0 < s < math.inf, "a finite number > 0", None)
-        encoder, decoder = infer_config(tensors, path)
+        parts = {k.split(".", 1)[0] for k in tensors}
+        if encoder is None and "decoder" in parts and "encoder" not in parts:
+            raise ValueError(f"{path} holds only a decoder (no encoder.* tensors, as the authors' decoders for the "
+                             f"SD-VAE latent space): give the encoder to put in front of it, encoder= in Python, "
+                             f"--encoder-ckpt in the scripts (e.g. sd-vae-ft-mse)")
+        if encoder is not None:
+            tensors = with_encoder(tensors, encoder, path)
+        encoder_name, decoder = infer_config(tensors, path)
         with torch.device("meta"):
-            model = cls(encoder, decoder)
+            model = cls(encoder_name, decoder)
         check_state_dict({k: v.shape for k, v in model.state_dict().items()}, tensors, f"{path} does not match "
                          f"SSDD(encoder={model.config['encoder']!r}, decoder={model.config['decoder']!r}):")
         model.load_state_dict({k: v.float() for k, v in tensors.items()}, assign=True)
@@ -674,6 +686,19 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
 
 
+def with_encoder(tensors, encoder, path):
+    """The decoder.* tensors of a checkpoint (path: its file, for messages) with the weights of `encoder`
+    (encoder_weights) as its encoder.*, once the decoder's latent channels are seen to be the encoder's."""
+    weights = encoder_weights(encoder)
+    c = weights["conv_out.weight"].shape[0] // 2  # mean and log-variance
+    ctx = tensors.get("decoder.ada_ctx_proj.0.weight")  # the decoder's first layer on z: C input channels
+    if ctx is not None and ctx.ndim == 4 and ctx.shape[1] != c:
+        raise ValueError(f"the decoder of {path} takes latents of {ctx.shape[1]} channels, the encoder {encoder} "
+                         f"gives {c}")
+    decoder = {k: v for k, v in tensors.items() if not k.startswith("encoder.")}
+    return decoder | {"encoder." + k: v for k, v in weights.items()}
+
+
 def metadata_number(meta, key, path, integer, valid, rule, default):
     """meta[key], a number written as JSON text (an integer when integer), checked by valid; default when the
     field is absent. Anything else is a ValueError naming the file and the field."""
@@ -691,7 +716,7 @@ def metadata_number(meta, key, path, integer, valid, rule, default):
 
 
 # Bounds on a configuration read off a checkpoint's shapes, far past the largest published one (G: widths up
-# to 1536, depth 16, 16 heads; encoders f8c4 to f16c8). from_checkpoint builds the model the shapes describe
+# to 1536, depth 16, 16 heads; encoders f8c4 to f32c64). from_checkpoint builds the model the shapes describe
 # (on the meta device) before it checks every key: unbounded, a crafted 4 MB file of 50,000 empty
 # relative_bias_table tensors made it build 50,000 transformer blocks (65 s, 2.8 GB) before the error.
 MAX_WIDTH, MAX_DEPTH, MAX_ENCODER_LEVELS, MAX_Z_CHANNELS = 4096, 64, 7, 1024
@@ -775,12 +800,12 @@ DIFFUSERS_TO_LDM = [
 
 def encoder_weights(path, sha256=None, sd_vae=False):
     """The encoder state dict of an SSDD checkpoint or of an SD-VAE file in either layout, told apart by the
-    SD-VAE's quant_conv (sd_vae: only an SD-VAE file will do). A URL, or "sd-vae-ft-mse" for SD_VAE_URL, is
-    downloaded once (see download)."""
-    # the hub's file name is generic: cache the named VAE under its own name
-    url, name = (SD_VAE_URL, "sd-vae-ft-mse.safetensors") if path == "sd-vae-ft-mse" else (str(path), None)
-    if url.startswith(("https://", "http://")):
-        path = download(url, sha256, hint="pass the path of a local .safetensors file", file_name=name)
+    SD-VAE's quant_conv (sd_vae: only an SD-VAE file will do). A URL, a published name (published_url) or
+    "sd-vae-ft-mse" for SD_VAE_URL is downloaded once (see download)."""
+    hint = "pass the path of a local .safetensors file"
+    if path == "sd-vae-ft-mse":  # the hub's file name is generic: cache the named VAE under its own name
+        path = download(SD_VAE_URL, sha256, hint, file_name="sd-vae-ft-mse.safetensors")
+    path = checkpoint_file(path, sha256, hint)
     tensors, _ = load_safetensors(path)
     if not sd_vae and "quant_conv.weight" not in tensors:
         return SSDD.from_checkpoint(path).encoder.state_dict()
@@ -812,6 +837,28 @@ def sd_vae_encoder_weights(tensors, encoder, path):
     check_state_dict({name: shape for name, (_, shape) in own.items()}, found,
                      f"{path} does not hold the SD-VAE (kl-f8) encoder (LDM names shown):", "file", "SD-VAE")
     return {k: found[name] for name, (k, _) in own.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The authors' published checkpoints, on the model hub page facebook/SSDD (CC-BY-NC 4.0)
+
+def published_url(name):
+    """The URL of the published checkpoint of this name, or None when name is not one: F{f}C{C}_{size}_{res}
+    (e.g. F8C4_M_256: f8c4 encoder, M decoder, 256 px) lies in the folder F{f}C{C}/, demo_f8c4_M_128 at the
+    top. The server is $HF_ENDPOINT when set (a mirror; every Hugging Face client reads it), else the hub."""
+    match = re.fullmatch(rf"(F\d+C\d+)_({'|'.join(DECODER_SIZES)})_\d+|demo_f8c4_M_128", name)
+    if match is None:
+        return None
+    folder = f"{match.group(1)}/" if match.group(1) else ""
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/facebook/SSDD/resolve/main/{folder}{name}.safetensors"
+
+
+def checkpoint_file(path, sha256=None, hint=None):
+    """The local file of a checkpoint named by a path, an http(s):// URL or a published name (published_url): a
+    URL is downloaded once (see download, which takes sha256 and hint)."""
+    url = published_url(str(path)) or str(path)
+    return download(url, sha256, hint) if url.startswith(("https://", "http://")) else path
 
 
 # ----------------------------------------------------------------------------------------------------------

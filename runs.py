@@ -29,7 +29,7 @@ import fid
 import losses
 import metrics
 import optim
-from model import SSDD, check_image_size, load_safetensors, save_safetensors, write_durably
+from model import SSDD, check_image_size, load_safetensors, published_url, save_safetensors, write_durably
 
 # ----------------------------------------------------------------------------------------------------------
 # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python script.py` is one process.
@@ -196,15 +196,29 @@ def input_errors():
 
 
 def check_files(args, *names, url=False):
-    """Each of these options (None: not given) must name an existing file; url: an http(s):// URL is taken
-    too (SSDD.from_checkpoint downloads it)."""
+    """Each of these options (None: not given) must name an existing file; url: an http(s):// URL or the name of
+    a published checkpoint (model.published_url) is taken too (model.py downloads it)."""
     for name in names:
         path = getattr(args, name)
-        if path is None or url and path.startswith(("https://", "http://")):
+        if path is None or url and (path.startswith(("https://", "http://")) or published_url(path)):
             continue
         if not os.path.isfile(path):
             error(f"--{name.replace('_', '-')} {path!r} " + ("is a folder, not a file" if os.path.isdir(path)
                                                             else "does not exist"))
+
+
+def add_encoder_ckpt_arg(p, ckpt):
+    """--encoder-ckpt of the scripts that read a trained model, whose option is ckpt (e.g. "--teacher")."""
+    p.add_argument("--encoder-ckpt", default=None, help=f"the encoder for a {ckpt} that holds only a decoder (the "
+                   f"authors' SD-VAE decoders): an SD-VAE .safetensors (either layout; 'sd-vae-ft-mse' downloads the "
+                   f"public one) or an SSDD checkpoint, as a path, URL or name; with a complete {ckpt}, it "
+                   f"replaces its encoder")
+
+
+def check_encoder_ckpt(args):
+    """--encoder-ckpt: what model.encoder_weights reads (a file, a URL, a published name or sd-vae-ft-mse)."""
+    if args.encoder_ckpt != "sd-vae-ft-mse":
+        check_files(args, "encoder_ckpt", url=True)
 
 
 def check_min(args, minimum, *names, strict=False):

@@ -1,6 +1,7 @@
 """model.download against a real HTTP server on 127.0.0.1: a file is fetched once into the torch hub cache,
 checked for length and sha256 before it takes its name (a failed download leaves nothing behind), and every
-failure is a one-line error saying what to do. SSDD.from_checkpoint loads such URLs."""
+failure is a one-line error saying what to do. SSDD.from_checkpoint loads such URLs, and the published
+checkpoints by name from a server laid out as the model hub ($HF_ENDPOINT)."""
 import hashlib
 import http.server
 import os
@@ -12,7 +13,10 @@ import types
 import pytest
 import torch
 
-from model import SSDD, download
+import evaluate
+from model import SSDD, download, published_url
+
+PHOTOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "photos")
 
 TINY = dict(widths=(32, 32, 64, 64), depth=2, heads=2)
 
@@ -131,3 +135,50 @@ def test_offline_error_says_where_to_put_the_file(cache):
                    f"{re.escape(str(cache / 'ssdd-f8c4.safetensors'))}, or pass --ckpt PATH$")
     one_line_error(lambda: SSDD.from_checkpoint(url), f"put it at {re.escape(str(cache / 'ssdd-f8c4.safetensors'))}$")
     assert os.listdir(cache) == []
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the published checkpoints, by name
+
+
+def test_published_names(monkeypatch):
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    hub = "https://huggingface.co/facebook/SSDD/resolve/main/"
+    assert published_url("F8C4_M_256") == hub + "F8C4/F8C4_M_256.safetensors"
+    assert published_url("F16C4_M_256") == hub + "F16C4/F16C4_M_256.safetensors"
+    assert published_url("F32C64_XL_512") == hub + "F32C64/F32C64_XL_512.safetensors"
+    assert published_url("demo_f8c4_M_128") == hub + "demo_f8c4_M_128.safetensors"
+    for path in ("F8C4_M_256.safetensors", "runs/F8C4_M_256", "F8C4_Q_256", "f8c4_M_256", "F8C4_M", "sd-vae-ft-mse",
+                 "demo_f8c4_M_256", "https://huggingface.co/facebook/SSDD/resolve/main/demo_f8c4_M_128.safetensors"):
+        assert published_url(path) is None, path
+    monkeypatch.setenv("HF_ENDPOINT", "https://mirror.example/")  # a mirror, as every Hugging Face client reads it
+    mirror = "https://mirror.example/facebook/SSDD/resolve/main/"
+    assert published_url("F8C4_M_256") == mirror + "F8C4/F8C4_M_256.safetensors"
+
+
+def test_a_name_loads_from_the_hub(server, cache, tmp_path, monkeypatch, evaluated, capsys):
+    """In Python and as evaluate.py --ckpt, downloaded once; a name the server lacks is one line naming the URL
+    and the HTTP status. (The file holds a tiny model: names say nothing of the contents.)"""
+    torch.manual_seed(0)
+    m = SSDD("f16c4", TINY)
+    m.save(tmp_path / "tiny.safetensors")
+    hub = "/facebook/SSDD/resolve/main/"
+    server.files[hub + "F16C4/F16C4_M_256.safetensors"] = (tmp_path / "tiny.safetensors").read_bytes()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    loaded = SSDD.from_checkpoint("F16C4_M_256")
+    assert loaded.config == m.config
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in loaded.state_dict().items())
+    results = evaluate.main(["--ckpt", "F16C4_M_256", "--data", PHOTOS, "--im", "64", "--limit", "2", "--steps", "1",
+                             "--num-workers", "0"])
+    assert results["ckpt"] == "F16C4_M_256" and results["images"] == 2
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in evaluated[0].state_dict().items())
+    assert server.requests == [hub + "F16C4/F16C4_M_256.safetensors"]  # downloaded once
+
+    url = f"{server.url}{hub}F8C4/F8C4_XL_512.safetensors"
+    one_line_error(lambda: SSDD.from_checkpoint("F8C4_XL_512"), f"could not download {re.escape(url)} \\(HTTP 404 ")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", "F8C4_XL_512", "--data", PHOTOS, "--im", "64", "--num-workers", "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: could not download {url} (HTTP 404 "), lines

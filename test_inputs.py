@@ -175,8 +175,15 @@ def test_evaluate_and_latent_stats_bad_arguments(capsys, ckpt, files):
     stops(capsys, evaluate.main, eval_argv(ckpt, "--json", "nowhere/r.json"),
           "--json 'nowhere/r.json': its folder does not exist")
     stops(capsys, latent_stats.main, eval_argv(ckpt, "--shard-size", "0"), "--shard-size must be at least 1")
-    # latent_stats writes into its checkpoint: a URL is no file for it
-    stops(capsys, latent_stats.main, eval_argv("https://example.com/x.safetensors"), "does not exist")
+    # latent_stats writes into its checkpoint: a URL or a published name is no file for it
+    stops(capsys, latent_stats.main, eval_argv("https://example.com/x.safetensors"), "must be a local file; download "
+          "https://example.com/x.safetensors and give its path")
+    stops(capsys, latent_stats.main, eval_argv("F8C4_M_256"), "/facebook/SSDD/resolve/main/F8C4/F8C4_M_256.safetensors "
+          "and give its path")
+    for main in (evaluate.main, latent_stats.main):
+        stops(capsys, main, eval_argv(ckpt, "--encoder-ckpt", "missing.safetensors"),
+              "--encoder-ckpt 'missing.safetensors' does not exist")
+    stops(capsys, distill.main, distill_argv(ckpt, "--encoder-ckpt", HERE), "--encoder-ckpt")
     # the checkpoint is loaded: its factor (16) does not divide 72 px
     f16 = str(files / "f16.safetensors")
     SSDD("f16c4", TINY).save(f16)
@@ -184,12 +191,13 @@ def test_evaluate_and_latent_stats_bad_arguments(capsys, ckpt, files):
 
 
 def test_url_checkpoints_pass_the_checks():
-    """SSDD.from_checkpoint downloads https:// checkpoints: the checks take them (the download is tested in
-    test_download.py)."""
-    url = "https://example.com/ssdd.safetensors"
-    train_ae.check_args(train_ae.parse_args(train_argv("--init", url, "--encoder-ckpt", url)))
-    distill.check_args(distill.parse_args(distill_argv(url)))
-    evaluate.check_args(evaluate.parse_args(eval_argv(url)))
+    """SSDD.from_checkpoint downloads https:// checkpoints and published names, and encoder_weights also
+    sd-vae-ft-mse: the checks take them (the downloads are tested in test_download.py)."""
+    for url in ("https://example.com/ssdd.safetensors", "F8C4_M_256"):
+        for encoder in (url, "sd-vae-ft-mse"):
+            train_ae.check_args(train_ae.parse_args(train_argv("--init", url, "--encoder-ckpt", encoder)))
+            distill.check_args(distill.parse_args(distill_argv(url, "--encoder-ckpt", encoder)))
+            evaluate.check_args(evaluate.parse_args(eval_argv(url, "--encoder-ckpt", encoder)))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -50,12 +50,17 @@ def photos(n, size=64):
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-@pytest.mark.parametrize("name,size", [("S_64", "S"), ("S_128", "S"), ("M_128", "M")])
-def test_golden_vectors(name, size):
-    """Errors measured: at most 4e-6 (float32 rounding). 1e-4 would miss an eps of 1e-6 instead of 1e-5 in the
-    decoder's AdaGroupNorm (errors 2.7e-5 to 4.3e-5) or of 1e-5 instead of 1e-6 in the encoder (8.7e-5)."""
-    g = torch.load(f"testdata/golden_f8c4_{name}.pt", weights_only=True)
-    m = golden_weights(SSDD("f8c4", size))
+@pytest.mark.parametrize("encoder,size,im", [("f8c4", "S", 64), ("f8c4", "S", 128), ("f8c4", "M", 128),
+                                             ("f16c4", "S", 128), ("f16c16", "S", 128), ("f32c64", "S", 128)])
+def test_golden_vectors(tmp_path, encoder, size, im):
+    """Each published compression, through a file of the official layout (tensors only, no metadata): the
+    configuration is read off its shapes. Errors measured: at most 4e-6 (float32 rounding). 1e-4 would miss an
+    eps of 1e-6 instead of 1e-5 in the decoder's AdaGroupNorm (errors 2.7e-5 to 4.3e-5) or of 1e-5 instead of
+    1e-6 in the encoder (8.7e-5)."""
+    g = torch.load(f"testdata/golden_{encoder}_{size}_{im}.pt", weights_only=True)
+    model.save_safetensors(golden_weights(SSDD(encoder, size)).state_dict(), tmp_path / "official.safetensors")
+    m = SSDD.from_checkpoint(tmp_path / "official.safetensors")
+    assert m.config == dict(encoder=encoder, decoder=size)
     with torch.no_grad():
         assert rel_err(m.encode(g["x"]), g["z"]) < 2e-5
         assert rel_err(m.decoder(g["x_t"], g["t"], g["z"]), g["v"]) < 2e-5

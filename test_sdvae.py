@@ -1,8 +1,11 @@
 """SSDD.from_sd_vae against diffusers' AutoencoderKL, the reference implementation of the SD-VAE: files in the
 diffusers layout (current and old attention names) and in the original LDM layout, made offline from one
-seeded random VAE; and the errors for files that hold no SD-VAE encoder."""
+seeded random VAE; and the errors for files that hold no SD-VAE encoder. Decoder-only SSDD checkpoints (the
+authors' decoders for the SD-VAE latent space) with such a file as their encoder, in Python and the scripts."""
 import functools
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -10,9 +13,15 @@ from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from safetensors.torch import save_file
 
+import distill
+import evaluate
+import fid
+import latent_stats
 import model
+import train_ae
 from model import SSDD
 
+PHOTOS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "photos")
 TINY = dict(widths=(32, 32, 64, 64), depth=2, heads=2)
 SIZES = [(64, 64), (128, 128), (256, 256), (64, 128)]
 OLD_ATTENTION_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -221,12 +230,6 @@ def test_non_vae_files_are_refused(tmp_path):
 def test_training_on_an_sd_vae_file(files, tmp_path, monkeypatch, capsys):
     """train_ae.py --encoder-ckpt takes an SD-VAE file (here the LDM layout): a decoder trains on its latent
     space, the run resumes, and its ema.safetensors encodes exactly as the SD-VAE does."""
-    import json
-    import os
-
-    import fid
-    import train_ae
-
     def unavailable(weights=None, device="cpu", flag=None):
         raise RuntimeError("no FID weights in this test")
 
@@ -249,3 +252,102 @@ def test_training_on_an_sd_vae_file(files, tmp_path, monkeypatch, capsys):
     assert rel_err(z, reference_latent(64, 64)) < 1e-5
     torch.manual_seed(0)  # the run's initial decoder: RAdam moved it from step 5 on
     assert not torch.equal(ema.decoder.conv_in.weight, SSDD("f8c4", TINY).decoder.conv_in.weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decoder-only SSDD checkpoints: the authors' code keeps the SD-VAE outside the module's state
+
+
+def decoder_only(path, z_channels=4):
+    """A seeded SSDD decoder saved as the authors' code saves its SD-VAE decoders: the decoder.* tensors of
+    its state dict and nothing else. Returns them."""
+    torch.manual_seed(7)
+    tensors = {k: v for k, v in SSDD(f"f8c{z_channels}", TINY).state_dict().items() if k.startswith("decoder.")}
+    save_file(tensors, path)
+    return tensors
+
+
+def test_decoder_only_checkpoint_with_the_sd_vae_encoder(files, tmp_path):
+    """Encodes as AutoencoderKL.encode(x).latent_dist.mean, holds the file's decoder, and saves as a complete
+    checkpoint that loads without an encoder."""
+    decoder = decoder_only(tmp_path / "decoder.safetensors")
+    m = SSDD.from_checkpoint(tmp_path / "decoder.safetensors", encoder=str(files["diffusers"]))
+    assert m.config == dict(encoder="f8c4", decoder=TINY) and not m.training
+    state = m.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in decoder.items())
+    with torch.no_grad():
+        assert rel_err(m.encode(images(64, 128)), reference_latent(64, 128)) < 1e-5  # measured: 2.7e-7
+        assert m.decode(m.encode(images(64, 64)), steps=1).shape == (1, 3, 64, 64)
+    m.save(tmp_path / "complete.safetensors")
+    again = SSDD.from_checkpoint(tmp_path / "complete.safetensors")
+    assert again.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in again.state_dict().items())
+
+
+def test_every_encoder_source(files, encoder_ckpt, tmp_path, monkeypatch):
+    """encoder= takes what encoder_weights reads: the other SD-VAE layout, sd-vae-ft-mse (here: a stand-in
+    download) and an SSDD checkpoint (its encoder); given for a complete checkpoint, it replaces the encoder."""
+    path = tmp_path / "decoder.safetensors"
+    decoder_only(path)
+    sd_vae_encoder = loaded(str(files["diffusers"])).encoder.state_dict()
+    monkeypatch.setattr(model, "download", lambda url, sha256=None, hint=None, file_name=None: str(files["ldm"]))
+    for encoder in (str(files["ldm"]), "sd-vae-ft-mse"):
+        got = SSDD.from_checkpoint(path, encoder=encoder).encoder.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in sd_vae_encoder.items()), encoder
+    ssdd = SSDD.from_checkpoint(encoder_ckpt)
+    got = SSDD.from_checkpoint(path, encoder=encoder_ckpt).encoder.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ssdd.encoder.state_dict().items())
+    replaced = SSDD.from_checkpoint(encoder_ckpt, encoder=str(files["ldm"])).state_dict()
+    assert all(torch.equal(replaced["encoder." + k], v) for k, v in sd_vae_encoder.items())
+    assert all(torch.equal(replaced[k], v) for k, v in ssdd.state_dict().items() if k.startswith("decoder."))
+
+
+def test_decoder_only_errors(files, tmp_path):
+    path = tmp_path / "decoder.safetensors"
+    decoder_only(path)
+    with pytest.raises(ValueError, match="holds only a decoder") as e:
+        SSDD.from_checkpoint(path)
+    assert "encoder=" in str(e.value) and "--encoder-ckpt" in str(e.value) and "\n" not in str(e.value)
+    decoder_only(tmp_path / "c16.safetensors", z_channels=16)
+    with pytest.raises(ValueError, match="c16.safetensors takes latents of 16 channels, the encoder .*ldm.safetensors "
+                                         "gives 4"):
+        SSDD.from_checkpoint(tmp_path / "c16.safetensors", encoder=str(files["ldm"]))
+    # a VAE is no SSDD checkpoint, whether or not it has an encoder
+    with pytest.raises(ValueError, match="is not an SSDD checkpoint"):
+        SSDD.from_checkpoint(files["diffusers_old"])
+
+
+def one_error_line(capsys, main, argv, phrase):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], lines
+
+
+def test_scripts_take_the_encoder_of_a_decoder_only_checkpoint(files, tmp_path, evaluated, one_thread, capsys):
+    """evaluate.py, latent_stats.py, distill.py and train_ae.py --init: --encoder-ckpt, or one error line."""
+    path = tmp_path / "decoder.safetensors"
+    decoder = decoder_only(path)
+    data = ["--data", PHOTOS, "--im", "64", "--num-workers", "0"]
+    results = evaluate.main(["--ckpt", str(path), "--encoder-ckpt", str(files["diffusers"]), "--limit", "2", "--steps",
+                             "1", *data])
+    (m,) = evaluated
+    with torch.no_grad():
+        assert rel_err(m.encode(images(64, 128)), reference_latent(64, 128)) < 1e-5
+    assert all(torch.equal(m.state_dict()[k], v) for k, v in decoder.items())
+    assert results["images"] == 2 and results["psnr"] > 0
+    capsys.readouterr()
+    for main, argv in ((evaluate.main, ["--ckpt", path]), (latent_stats.main, ["--ckpt", path]),
+                       (distill.main, ["--teacher", path, "--batch-size", "4", "--lpips-weight", "0",
+                                       "--repa-weight", "0", "--run-dir", tmp_path / "distill"])):
+        one_error_line(capsys, main, argv + data, f"{path} holds only a decoder")
+    assert not os.path.exists(tmp_path / "distill")
+
+    # finetuning the published decoder: one step leaves the weights as loaded (RAdam's warm-up)
+    train_ae.main([str(a) for a in ["--init", path, "--encoder-ckpt", files["ldm"], "--size", json.dumps(TINY),
+                                    "--batch-size", "4", "--max-steps", "1", "--run-dir", tmp_path / "run",
+                                    "--lpips-weight", "0", "--repa-weight", "0", "--eval-images", "2", *data]])
+    ema = SSDD.from_checkpoint(tmp_path / "run" / "ema.safetensors")
+    assert all(torch.equal(ema.state_dict()[k], v) for k, v in decoder.items())
+    with torch.no_grad():
+        assert rel_err(ema.encode(images(64, 64)), reference_latent(64, 64)) < 1e-5

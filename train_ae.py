@@ -45,9 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--train-encoder", action="store_true", help="train the encoder too (KL term on)")
     p.add_argument("--encoder-ckpt", default=None, help="SSDD .safetensors whose encoder is used (frozen unless "
                    "--train-encoder), or an SD-VAE .safetensors (either layout; 'sd-vae-ft-mse' downloads the public "
-                   "one) for a decoder on the SD-VAE latent space; a path or an https:// URL")
+                   "one) for a decoder on the SD-VAE latent space; a path, an https:// URL or a published name. With "
+                   "--init, the encoder put in front of its decoder (needed when the file holds only a decoder)")
     p.add_argument("--init", default=None, help="SSDD .safetensors to start from (stage 2, finetuning: stage 1's "
-                   "ema.safetensors), with the REPA head saved beside it when there is one")
+                   "ema.safetensors), with the REPA head saved beside it when there is one; a path, an https:// "
+                   "URL or a published name such as F8C4_M_256")
     p.add_argument("--run-dir", default=None, help="default runs/<date-time> (kept across torchrun's restarts); "
                    "one holding state.pt resumes; one with other files but no state.pt is refused")
     p.add_argument("--kl-weight", type=float, default=1e-6)
@@ -73,8 +75,7 @@ def check_args(args):
         runs.error(f"--size: {e}")
     runs.check_im(args.im, factor)
     runs.check_files(args, "init", url=True)
-    if args.encoder_ckpt != "sd-vae-ft-mse":
-        runs.check_files(args, "encoder_ckpt", url=True)
+    runs.check_encoder_ckpt(args)
     if not (args.train_encoder or args.encoder_ckpt or args.init):
         runs.error("give --encoder-ckpt (a trained encoder to freeze), --init, or --train-encoder")
 
@@ -106,10 +107,10 @@ def train(args, rank, world, device):
     ssdd = SSDD(args.encoder, decoder_size(args.size))
     raw = losses.TrainingLoss(ssdd, args.train_encoder, repa=args.repa_weight > 0).to(device)
     with runs.input_errors():
-        if state is None and args.init:  # the weights and the REPA head of an earlier stage
-            weights.load_into(ssdd, SSDD.from_checkpoint(args.init).state_dict(), args.init)
+        if state is None and args.init:  # an earlier stage's weights and REPA head; --encoder-ckpt's encoder if given
+            weights.load_into(ssdd, SSDD.from_checkpoint(args.init, encoder=args.encoder_ckpt).state_dict(), args.init)
             runs.load_repa_head(raw, args.init, rank)
-        if state is None and args.encoder_ckpt:
+        elif state is None and args.encoder_ckpt:
             # an SSDD checkpoint's encoder, or an SD-VAE file's: the same architecture as f8c4
             weights.load_into(ssdd.encoder, encoder_weights(args.encoder_ckpt), args.encoder_ckpt)
     ema = copy.deepcopy(ssdd).eval().requires_grad_(False)
