@@ -1,13 +1,18 @@
 """Fixtures shared by the test files."""
+import errno
 import io
+import os
 import shutil
+import struct
 import urllib.error
 import urllib.request
+import zlib
 
 import pytest
 import torch
 
 import metrics
+import model
 import weights
 from model import SSDD
 
@@ -77,3 +82,40 @@ def evaluated(monkeypatch):
     monkeypatch.setattr(weights, "download", offline)
     monkeypatch.setattr(metrics, "reconstruct", recorded)
     return models
+
+
+@pytest.fixture
+def full_disk(monkeypatch):
+    """full_disk(room, where): from now on the files that model.write_durably writes whose path contains
+    `where` take `room` bytes, then fail as on a full disk (ENOSPC), without filling the real one."""
+    def fill(room=0, where=""):
+        class Full(io.FileIO):
+            def write(self, b):
+                if self.tell() + len(b) > room:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                return super().write(b)
+
+        def opener(path, mode="r"):
+            if "w" not in mode or where not in str(path):
+                return open(path, mode)
+            return Full(path, "w") if "b" in mode else io.TextIOWrapper(io.BufferedWriter(Full(path, "w")))
+
+        monkeypatch.setattr(model, "open", opener, raising=False)
+    return fill
+
+
+@pytest.fixture
+def bomb_folder(tmp_path_factory):
+    """A folder of 8 readable photos and, first in sorted order, 0_bomb.png: a header-only "decompression
+    bomb", a PNG that claims 20000 x 20000 pixels and holds none, which Pillow refuses to open."""
+    folder = tmp_path_factory.mktemp("bomb_folder")
+    photos = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "photos", "train")
+    for name in sorted(os.listdir(photos))[:8]:
+        shutil.copy(os.path.join(photos, name), folder / name)
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # 8-bit RGB
+    (folder / "0_bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"")
+                                        + chunk(b"IEND", b""))
+    return folder

@@ -50,33 +50,50 @@ def find_images(root):
     return paths
 
 
+class UnreadableImage(ValueError):
+    """An image file that cannot be read. Its message stays one line when a DataLoader worker raised it: the
+    loader raises UnreadableImage("Caught UnreadableImage in DataLoader worker process ...") of the worker's
+    traceback, whose last line is the original message."""
+
+    def __init__(self, message):
+        if message.startswith("Caught UnreadableImage"):
+            message = message.rstrip().splitlines()[-1].partition(": ")[2]
+        super().__init__(message)
+
+
+# what Pillow raises for a file it cannot decode (DecompressionBombError: a header claiming over twice
+# Image.MAX_IMAGE_PIXELS pixels)
+PILLOW_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def open_rgb(path):
-    """The image file at path as an 8-bit RGB PIL image, the one way every script reads images. 16-bit
-    grayscale (Pillow's modes I;16 and I) is scaled to 8 bits as round(v / 257), where Pillow's own
-    convert("RGB") clips it, turning all but the darkest 0.4% of a 0..65535 ramp white; float images (mode
-    F) are taken to hold [0, 1]. Pillow decodes 16-bit colour PNGs to 8 bits itself, as v >> 8 (at most 1
-    below round(v / 257)); palette, gray + alpha, CMYK and the rest convert as Pillow does, alpha dropped."""
-    with Image.open(path) as im:
-        if im.mode.startswith("I") or im.mode == "F":
-            v = np.asarray(im, dtype=np.float64) * (255 if im.mode == "F" else 1 / 257)
-            return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8)).convert("RGB")
-        return im.convert("RGB")
+    """The image file at path as an 8-bit RGB PIL image, the one way every script reads images; a file that
+    cannot be read is an UnreadableImage naming it. 16-bit grayscale (Pillow's modes I;16 and I) is scaled
+    to 8 bits as round(v / 257), where Pillow's own convert("RGB") clips it, turning all but the darkest 0.4%
+    of a 0..65535 ramp white; float images (mode F) are taken to hold [0, 1]. Pillow decodes 16-bit colour
+    PNGs to 8 bits itself, as v >> 8 (at most 1 below round(v / 257)); palette, gray + alpha, CMYK and the
+    rest convert as Pillow does, alpha dropped."""
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I") or im.mode == "F":
+                v = np.asarray(im, dtype=np.float64) * (255 if im.mode == "F" else 1 / 257)
+                return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8)).convert("RGB")
+            return im.convert("RGB")
+    except PILLOW_ERRORS as e:
+        raise UnreadableImage(f"cannot read image {path}: {' '.join(str(e).split())}") from None
 
 
 def load_image(path):
     """uint8 tensor (3, H, W) of the image file at path, as it is (no resize)."""
-    try:
-        return torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)
 
 
 def image_size(path):
     try:
         with Image.open(path) as im:  # reads the header only
             return im.size
-    except OSError as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+    except PILLOW_ERRORS as e:
+        raise UnreadableImage(f"cannot read image {path}: {' '.join(str(e).split())}") from None
 
 
 def same_size_images(root, rank=0, world_size=1):
@@ -159,8 +176,10 @@ class ImageDataset(Dataset):
 
 
 class ImageFolder(ImageDataset):
-    """Image files. An unreadable file is logged and replaced by the next readable one, so one bad file
-    never stops a run halfway through an epoch; many in a row mean the folder is broken, and that raises."""
+    """Image files. In training (train=True) an unreadable file is logged and replaced by the next readable
+    one, so one bad file never stops a run halfway through an epoch; many in a row mean the folder is broken,
+    and that raises. Evaluation never substitutes (a metric would count the next image twice): there an
+    unreadable file is an UnreadableImage naming it."""
 
     MAX_CONSECUTIVE_FAILURES = 20
 
@@ -172,12 +191,13 @@ class ImageFolder(ImageDataset):
         return len(self.paths)
 
     def load(self, i):
+        if not self.train:
+            return open_rgb(self.paths[i])
         for k in range(min(self.MAX_CONSECUTIVE_FAILURES, len(self.paths))):
-            path = self.paths[(i + k) % len(self.paths)]
             try:
-                return open_rgb(path)
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+                return open_rgb(self.paths[(i + k) % len(self.paths)])
+            except UnreadableImage as e:
+                print(f"warning: skipping unreadable image ({e})", file=sys.stderr, flush=True)
         raise RuntimeError(f"{self.MAX_CONSECUTIVE_FAILURES} consecutive images from {self.paths[i]} on could not "
                            f"be read: the data folder looks corrupt")
 
@@ -230,7 +250,8 @@ def held_out(paths, split, root):
 def load_split(data, split, size, train=False, aug_scale=1.0, limit=None, seed=0, holdout=False):
     """The images of one split, as every script reads them. data: a folder searched recursively, its
     `split`/ subfolder when it has both train/ and val/ (as ImageNet does; otherwise every split is the
-    folder itself), or 'synthetic'. train=True augments (train_crop), else the eval crop. limit: keep only
+    folder itself), or 'synthetic'. train=True augments (train_crop) and replaces an unreadable image by the
+    next one, else the eval crop, and an unreadable image is an error (ImageFolder). limit: keep only
     the first that many images in sorted path order, the rule of the paper's "ImageNet-5K" (the first 5,000
     ImageNet val images: classes 0-99). holdout: a folder without train/ and val/ is split by held_out
     (the training scripts), instead of being the whole of every split (evaluate.py, latent_stats.py)."""

@@ -2,7 +2,7 @@
 
     python distill.py --teacher runs/tiny/ema.safetensors --data synthetic --im 64 --batch-size 8 --max-steps 100 \
         --lpips-weight 0 --repa-weight 0    # no downloads: runs anywhere
-    torchrun --nproc_per_node 8 distill.py --teacher runs/m256/best.safetensors --data /imagenet --im 256
+    torchrun --standalone --nproc_per_node 8 distill.py --teacher runs/m256/best.safetensors --data /imagenet --im 256
 
 The teacher (the trained model's best EMA weights, frozen) encodes each batch to its latent mean z, draws
 noise e and integrates its N-step Euler sampler (12 steps on its checkpoint's time grid, as the authors'

@@ -2,7 +2,7 @@
 rFID, PSNR, SSIM, LPIPS, MSE, MAE and encode / decode throughput.
 
     python evaluate.py --ckpt runs/m256/best.safetensors --data /imagenet --im 256 --limit 5000 --json m256.json
-    torchrun --nproc_per_node 8 evaluate.py --ckpt F8C4_M_256 --data /imagenet/val --im 256 --steps 8
+    torchrun --standalone --nproc_per_node 8 evaluate.py --ckpt F8C4_M_256 --data /imagenet/val --im 256 --steps 8
     python evaluate.py --ckpt demo_f8c4_M_128 --data my_photos --im 128 --save-recons my_recons
     python evaluate.py --ckpt sdvae_decoder.safetensors --encoder-ckpt sd-vae-ft-mse --data my_photos --im 256
 
@@ -17,8 +17,9 @@ number of processes) are quantised to uint8, and every metric is computed on tho
 originals (TF Inception, fid.py), PSNR from the MSE over the whole set, SSIM per image then averaged, LPIPS
 v0.1 with AlexNet, MSE and MAE of the images in [0, 1]. Throughput is per process, timed
 over the full batches after the first (warm-up, compilation). A metric whose network weights cannot be had
-offline is reported as unavailable, with the reason, never as a number. --save-recons writes the
-reconstructions as PNG under the images' relative paths: also the way to reconstruct a folder of images.
+offline is reported as unavailable, with the reason, never as a number; an image that cannot be read is an
+error, never replaced by another. --save-recons writes the reconstructions as PNG under the images' relative
+paths, over no existing file: also the way to reconstruct a folder of images.
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ import data
 import fid
 import metrics
 import runs
-from model import SSDD, check_image_size
+from model import SSDD, check_image_size, write_durably
 
 
 def parse_args(argv=None):
@@ -53,8 +54,9 @@ def parse_args(argv=None):
                    "default_1.pt (default: download)")
     p.add_argument("--lpips-backbone", default=None, help="local torchvision AlexNet state dict (default: download)")
     p.add_argument("--lpips-heads", default=None, help="local LPIPS v0.1 alex.pth (default: download)")
-    p.add_argument("--save-recons", metavar="DIR", default=None, help="write the reconstructions here as PNG")
-    p.add_argument("--json", metavar="OUT", default=None, help="write the results here as JSON")
+    p.add_argument("--save-recons", metavar="DIR", default=None, help="write the reconstructions here as PNG; a "
+                   "folder that holds a file of one of their names is refused (nothing is overwritten)")
+    p.add_argument("--json", metavar="OUT", default=None, help="write the results here as JSON (atomically)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per "
                    "rank (default: this machine's CPUs shared by its ranks, at most 8)")
@@ -72,8 +74,28 @@ def check_args(args):
     runs.check_im(args.im)
     if args.save_recons and os.path.exists(args.save_recons) and not os.path.isdir(args.save_recons):
         runs.error(f"--save-recons {args.save_recons!r} is a file, not a folder")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        runs.error(f"--json {args.json!r}: its folder does not exist")
+    if args.json:
+        if os.path.isdir(args.json):
+            runs.error(f"--json {args.json!r} is a folder, not a file")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+            runs.error(f"--json {args.json!r}: its folder does not exist")
+        runs.check_writable(os.path.dirname(os.path.abspath(args.json)), "--json")
+
+
+def check_recons_folder(folder, names, root):
+    """--save-recons: the reconstructions (names, relative to folder) overwrite no file, neither one already
+    there nor each other, and the folder can be written; every rank checks before any writes."""
+    if len(set(names)) != len(names):
+        runs.error(f"some images under {root} differ only in their extension: their PNG reconstructions would "
+                   f"overwrite each other")
+    there = [n for n in names if os.path.lexists(os.path.join(folder, n))]
+    if there:
+        runs.error(f"--save-recons {folder!r} already holds {len(there)} of the {len(names)} reconstructions "
+                   f"({', '.join(there[:3])}{', ...' if len(there) > 3 else ''}): give a new or empty folder")
+    with runs.input_errors():
+        os.makedirs(folder, exist_ok=True)
+    runs.check_writable(folder, "--save-recons")
+    runs.barrier()
 
 
 def load_metric_networks(args, device, n_images):
@@ -124,13 +146,12 @@ def main(argv=None):
 def evaluate(args, rank, world, device):
     with runs.input_errors():  # the data first: a wrong folder is found before a checkpoint is downloaded
         dataset = data.load_split(args.data, "val", args.im, limit=args.limit)
+    if args.save_recons:
+        check_recons_folder(args.save_recons, [metrics.recon_name(p, dataset.root) for p in dataset.paths],
+                            dataset.root)
+    with runs.input_errors():
         model = SSDD.from_checkpoint(args.ckpt, device, encoder=args.encoder_ckpt)
         check_image_size(args.im, args.im, model.factor)
-    if args.save_recons:
-        names = [metrics.recon_name(p, dataset.root) for p in dataset.paths]
-        if len(set(names)) != len(names):
-            runs.error(f"some images under {dataset.root} differ only in their extension: their PNG "
-                       f"reconstructions would overwrite each other")
     with runs.input_errors():
         inception, lpips, unavailable = load_metric_networks(args, device, len(dataset))
     steps = args.steps or model.default_steps
@@ -138,9 +159,10 @@ def evaluate(args, rank, world, device):
     if runs.compile_enabled(args.compile, device):
         model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
 
-    scores, _ = metrics.reconstruct(model, dataset, args.batch_size, device, steps, args.seed, inception=inception,
-                                    lpips=lpips, save_dir=args.save_recons, workers=args.num_workers,
-                                    progress=rank == 0)
+    with runs.io_errors():  # an unreadable image is an error, never replaced by another
+        scores, _ = metrics.reconstruct(model, dataset, args.batch_size, device, steps, args.seed,
+                                        inception=inception, lpips=lpips, save_dir=args.save_recons,
+                                        workers=args.num_workers, progress=rank == 0)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     results = dict(ckpt=args.ckpt, encoder_ckpt=args.encoder_ckpt, data=dataset.root, im=args.im, images=len(dataset),
                    steps=steps, time_power=model.time_power, seed=args.seed, device=f"{world} x {where}", **scores,
@@ -148,8 +170,8 @@ def evaluate(args, rank, world, device):
     if rank == 0:
         print(table(results))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
+            with runs.io_errors():
+                write_durably(args.json, lambda f: json.dump(results, f, indent=1), "w")
     return results
 
 

@@ -2,8 +2,8 @@
 latents (arXiv 2510.04961).
 
     python latent_stats.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256
-    torchrun --nproc_per_node 8 latent_stats.py --ckpt runs/m256/ema.safetensors --data /imagenet --im 256 \
-        --split train --save-latents latents/m256 --flip
+    torchrun --standalone --nproc_per_node 8 latent_stats.py --ckpt runs/m256/ema.safetensors --data /imagenet \
+        --im 256 --split train --save-latents latents/m256 --flip
 
 Statistics: one scalar mean and one scalar (unbiased) standard deviation over every element of the encoder
 means of the images of a split (val/ of a folder that has train/ and val/, as in the official code; --split
@@ -13,6 +13,7 @@ checkpoint's metadata (atomically, every tensor and other field kept as it was),
 reads them: model.normalize_latent(z) = (z - mean) / std, model.denormalize_latent undoes it before decoding.
 A checkpoint that holds only a decoder (the authors' decoders for the SD-VAE latent space) takes its encoder from
 --encoder-ckpt, and the statistics are those of that encoder's latents.
+Statistics that are not finite, or a zero std, are refused and not written.
 
 Latents (--save-latents OUT), the features a latent diffusion model trains on (DiT-style training code
 extracts them first): shards of --shard-size consecutive images, OUT/latents-<k>-of-<n>.safetensors
@@ -23,16 +24,22 @@ extracts them first): shards of --shard-size consecutive images, OUT/latents-<k>
                   sorted order as torchvision's ImageFolder numbers classes; -1 for an image directly in the
                   root (ImageNet's val/ needs its class folders for labels) and for generated images
     indices       int64 (N,): the images' rows in the index
-with the checkpoint and the settings in their metadata, and OUT/index.json, written when every shard is
-done: the checkpoint, the split root, the resolution, the statistics, the class names, the shard files, and
-the paths (relative to the split root) and labels of the images. The shards are split over the processes,
-each written atomically, so a killed run leaves only finished shards: rerunning it computes the others.
+with the settings in their metadata (the sha256 of the encoder's weights and of the image paths, the split
+root, the resolution, the number of images, --shard-size, --flip), and OUT/index.json, written when every
+shard is done: the checkpoint, the settings, the statistics, the class names, the shard files, and the paths
+(relative to the split root) and labels of the images. The shards are split over the processes, each
+written atomically, so a killed run leaves only finished shards: rerunning it computes the others. A rerun
+keeps only shards of the same encoder weights and settings: a folder holding any other latents-* file
+(another layout or other settings, or the latents of a checkpoint whose encoder trained further at the same
+path) is refused. An image that cannot be read is an error, never replaced by another.
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -41,7 +48,8 @@ from tqdm import tqdm
 
 import data
 import runs
-from model import SSDD, check_image_size, load_safetensors, published_url, save_safetensors, write_durably
+from model import (SSDD, check_image_size, load_safetensors, published_url, safetensors_header, save_safetensors,
+                   write_durably)
 
 
 def merge(a, b):
@@ -89,23 +97,67 @@ def image_labels(dataset):
 @torch.no_grad()
 def encode_shards(model, dataset, shards, batch_size, device, workers, flip, progress):
     """For each shard (number: list of dataset indices), in order: (number, {"latents": float32 encoder means
-    on the CPU, and "latents_flip" with flip}). One data loader for all, its batches within a shard."""
+    on the CPU, and "latents_flip" with flip}), finite (else a ValueError). One data loader for all, its
+    batches within a shard."""
     batches = [(k, idx[i:i + batch_size], i + batch_size >= len(idx))
                for k, idx in shards.items() for i in range(0, len(idx), batch_size)]
     loader = DataLoader(dataset, batch_sampler=[b for _, b, _ in batches], num_workers=workers)
-    pbar = tqdm(total=sum(map(len, shards.values())), desc="encoding", disable=not progress, dynamic_ncols=True)
     parts = {"latents": [], "latents_flip": []} if flip else {"latents": []}
-    for (k, idx, last), x in zip(batches, loader):
-        x = x.to(device)
-        with runs.autocast(device):
-            parts["latents"].append(model.encode(x).float().cpu())
-            if flip:
-                parts["latents_flip"].append(model.encode(x.flip(-1)).float().cpu())
-        pbar.update(len(idx))
-        if last:
-            yield k, {name: torch.cat(p) for name, p in parts.items()}
-            parts = {name: [] for name in parts}
-    pbar.close()
+    # closed on an error too, so that the error's line is a line of its own
+    with tqdm(total=sum(map(len, shards.values())), desc="encoding", disable=not progress, dynamic_ncols=True) as pbar:
+        for (k, idx, last), x in zip(batches, loader):
+            x = x.to(device)
+            with runs.autocast(device):
+                parts["latents"].append(model.encode(x).float().cpu())
+                if flip:
+                    parts["latents_flip"].append(model.encode(x.flip(-1)).float().cpu())
+            pbar.update(len(idx))
+            if last:
+                latents = {name: torch.cat(p) for name, p in parts.items()}
+                if not all(z.isfinite().all() for z in latents.values()):  # finite weights can overflow
+                    raise ValueError(f"the latents of images {shards[k][0]} to {shards[k][-1]} are not finite (NaN "
+                                     f"or infinity)")
+                yield k, latents
+                parts = {name: [] for name in parts}
+
+
+def encoder_sha256(model):
+    """sha256 of the encoder's weights (names, shapes, float32 values; the model on the CPU): the latents
+    depend on nothing else in the checkpoint, whose file changes with write_stats."""
+    h = hashlib.sha256()
+    for key, t in model.encoder.state_dict().items():
+        h.update(f"{key} {tuple(t.shape)}\n".encode())
+        h.update(t.contiguous().numpy())
+    return h.hexdigest()
+
+
+def finished_shards(out, names, metadata):
+    """The shards (numbers k of names[k]) that an earlier run with these settings (metadata) finished in out.
+    Any other latents-* file there, of another layout (--shard-size, --limit) or other settings, or not a
+    shard at all, is a ValueError: a loader reading latents-* would mix them with this run's."""
+    own = {name: k for k, name in enumerate(names)}
+    found = []
+    for name in sorted(f for f in os.listdir(out) if f.startswith("latents-")):
+        if re.fullmatch(r".+\.tmp\d+", name) and name.rsplit(".tmp", 1)[0] in own:
+            continue  # an unfinished write of this layout: its rank removes it
+        if name not in own:
+            raise ValueError(f"{out} holds {name}, not a shard of this run's {len(names)}: latents of another "
+                             f"--shard-size or --limit; use another --save-latents folder, or remove them")
+        with open(os.path.join(out, name), "rb") as f:
+            _, theirs, _ = safetensors_header(f, os.path.join(out, name))
+        if theirs != metadata:
+            changed = {k: (theirs.get(k), v) for k, v in metadata.items() if theirs.get(k) != v}
+            raise ValueError(f"{os.path.join(out, name)} holds latents of other settings (was, now: {changed}); use "
+                             f"another --save-latents folder")
+        found.append(own[name])
+    return found
+
+
+def check_stats(mean, std, n, path):
+    """Statistics that normalize_latent can use, or error(): a NaN, an infinity or a zero std is not written."""
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        runs.error(f"latent mean {mean}, std {std} over {n} elements: a NaN, an infinity or no spread; not written "
+                   f"into {path}")
 
 
 def write_stats(path, mean, std):
@@ -128,7 +180,8 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per "
                    "rank (default: this machine's CPUs shared by its ranks, at most 8)")
     p.add_argument("--save-latents", default=None, metavar="OUT", help="also write the latents into this folder "
-                   "(a rerun keeps its finished shards)")
+                   "(a rerun keeps its finished shards; a folder holding latents of another encoder, other images "
+                   "or settings is refused)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per latents file")
     p.add_argument("--flip", action="store_true", help="also save the latents of the horizontally flipped images")
     return p.parse_args(argv)
@@ -156,48 +209,54 @@ def main(argv=None):
     try:
         with runs.input_errors():  # the data first: a wrong folder is found before the checkpoint is read
             dataset = data.load_split(args.data, args.split, args.im, limit=args.limit)
-            model = SSDD.from_checkpoint(args.ckpt, device, encoder=args.encoder_ckpt)
+            model = SSDD.from_checkpoint(args.ckpt, encoder=args.encoder_ckpt)
             check_image_size(args.im, args.im, model.factor)
+        runs.check_writable(os.path.dirname(os.path.abspath(args.ckpt)), "--ckpt")  # the statistics go into it
         out = args.save_latents
         # shard k: images [k * shard_size, (k + 1) * shard_size), computed by rank k % world
         num_shards = math.ceil(len(dataset) / args.shard_size)
         shards = {k: list(range(k * args.shard_size, min((k + 1) * args.shard_size, len(dataset))))
                   for k in range(rank, num_shards, world)}
-        path = lambda k: os.path.join(out, f"latents-{k:05d}-of-{num_shards:05d}.safetensors")
+        names = [f"latents-{k:05d}-of-{num_shards:05d}.safetensors" for k in range(num_shards)]
+        path = lambda k: os.path.join(out, names[k])
         summary = (0, 0.0, 0.0)
         if out:
             classes, paths, labels = image_labels(dataset)
             root = os.path.abspath(dataset.root) if isinstance(dataset, data.ImageFolder) else "synthetic"
-            settings = dict(checkpoint=os.path.abspath(args.ckpt), root=root, im=args.im, images=len(dataset),
+            settings = dict(encoder_sha256=encoder_sha256(model), root=root, im=args.im, images=len(dataset),
+                            paths_sha256=hashlib.sha256("\n".join(paths).encode()).hexdigest(),
                             shard_size=args.shard_size, flip=args.flip)
             metadata_now = {k: json.dumps(v) for k, v in settings.items()}  # safetensors metadata holds strings
-            os.makedirs(out, exist_ok=True)
-            for k in [k for k in shards if os.path.exists(path(k))]:  # finished by an earlier run
-                tensors, metadata = load_safetensors(path(k))
-                if metadata != metadata_now:
-                    runs.error(f"{path(k)} holds latents of other settings ({metadata}, now {metadata_now}); use "
-                               f"another --save-latents folder")
-                summary = merge(summary, summarize(tensors["latents"]))
-                del shards[k]
+            with runs.input_errors():
+                os.makedirs(out, exist_ok=True)
+            runs.check_writable(out, "--save-latents")
+            with runs.input_errors():
+                for k in [k for k in finished_shards(out, names, metadata_now) if k in shards]:
+                    summary = merge(summary, summarize(load_safetensors(path(k))[0]["latents"]))
+                    del shards[k]
             for k in shards:  # what a killed run was writing
                 for tmp in glob.glob(glob.escape(path(k)) + ".tmp*"):
                     os.remove(tmp)
-        for k, latents in encode_shards(model, dataset, shards, args.batch_size, device, args.num_workers, args.flip,
-                                        progress=rank == 0):
-            summary = merge(summary, summarize(latents["latents"]))
-            if out:
-                idx = torch.tensor(shards[k])
-                save_safetensors(dict(latents, labels=labels[idx], indices=idx), path(k), metadata_now)
+        model.to(device)
+        with runs.io_errors():  # an unreadable image (never replaced by another), latents not finite, a failed write
+            for k, latents in encode_shards(model, dataset, shards, args.batch_size, device, args.num_workers,
+                                            args.flip, progress=rank == 0):
+                summary = merge(summary, summarize(latents["latents"]))
+                if out:
+                    idx = torch.tensor(shards[k])
+                    save_safetensors(dict(latents, labels=labels[idx], indices=idx), path(k), metadata_now)
         mean, std, n = combine(summary)
+        check_stats(mean, std, n, args.ckpt)
         if rank == 0:
-            write_stats(args.ckpt, mean, std)
+            with runs.io_errors():
+                write_stats(args.ckpt, mean, std)
             print(f"latent mean {mean:.6g}, std {std:.6g} over {n} elements of {len(dataset)} images; "
                   f"written into {args.ckpt}")
             if out:
-                index = dict(settings, latent_mean=mean, latent_std=std, classes=classes,
-                             shards=[os.path.basename(path(k)) for k in range(num_shards)], paths=paths,
-                             labels=labels.tolist())
-                write_durably(os.path.join(out, "index.json"), lambda f: json.dump(index, f), "w")
+                index = dict(checkpoint=os.path.abspath(args.ckpt), **settings, latent_mean=mean, latent_std=std,
+                             classes=classes, shards=names, paths=paths, labels=labels.tolist())
+                with runs.io_errors():
+                    write_durably(os.path.join(out, "index.json"), lambda f: json.dump(index, f), "w")
                 print(f"latents of {len(dataset)} images in {num_shards} shards and index.json in {out}")
         runs.barrier()
     finally:

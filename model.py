@@ -8,6 +8,8 @@ with Euler steps; a distilled decoder does it in one step: x = e + D(e, 1, z).
 State-dict keys and numerics follow the official code, so its checkpoints load unchanged. This file needs
 only torch and the standard library: copy it into your project.
 """
+import errno
+import glob
 import hashlib
 import http.client
 import json
@@ -16,6 +18,7 @@ import os
 import re
 import struct
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -637,6 +640,7 @@ class SSDD(nn.Module):
         The model saves as a complete checkpoint, encoder included."""
         path = checkpoint_file(path, sha256)
         tensors, meta = load_safetensors(path)
+        check_finite(tensors, path)
         # a default of more than 1000 steps is no sampler setting (the network is fed 1000 t), only a way for
         # a file to make decode() run for hours
         steps = metadata_number(meta, "default_steps", path, True, lambda n: 1 <= n <= 1000,
@@ -774,6 +778,16 @@ def check_state_dict(shapes, tensors, heading, file_name="checkpoint", own_name=
         raise ValueError("\n".join(lines))
 
 
+def check_finite(tensors, path):
+    """A ValueError naming the file and its first floating-point tensor that holds a NaN or an infinity: such
+    weights decode NaN images and give NaN latent statistics. aminmax propagates NaN: one pass over each
+    tensor, without the tensor-sized mask of isfinite (350M float32 weights: 0.12 s, isfinite(t).all() 7 s on
+    a small shared CPU)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not all(v.isfinite() for v in torch.aminmax(t)):
+            raise ValueError(f"{path}: tensor {key!r} holds non-finite values (NaN or infinity)")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The SD-VAE encoder. Stable Diffusion's "kl-f8" VAE encoder has our f8c4 encoder's architecture and shapes.
 # Its files name the weights as the original LDM code does (our names, but quant_conv for our out_proj) or as
@@ -801,7 +815,8 @@ DIFFUSERS_TO_LDM = [
 def encoder_weights(path, sha256=None, sd_vae=False):
     """The encoder state dict of an SSDD checkpoint or of an SD-VAE file in either layout, told apart by the
     SD-VAE's quant_conv (sd_vae: only an SD-VAE file will do). A URL, a published name (published_url) or
-    "sd-vae-ft-mse" for SD_VAE_URL is downloaded once (see download)."""
+    "sd-vae-ft-mse" for SD_VAE_URL is downloaded once (see download). Non-finite weights are refused
+    (check_finite); those of an SD-VAE file's decoder, which is not used, are not looked at."""
     hint = "pass the path of a local .safetensors file"
     if path == "sd-vae-ft-mse":  # the hub's file name is generic: cache the named VAE under its own name
         path = download(SD_VAE_URL, sha256, hint, file_name="sd-vae-ft-mse.safetensors")
@@ -809,6 +824,7 @@ def encoder_weights(path, sha256=None, sd_vae=False):
     tensors, _ = load_safetensors(path)
     if not sd_vae and "quant_conv.weight" not in tensors:
         return SSDD.from_checkpoint(path).encoder.state_dict()
+    check_finite({k: t for k, t in tensors.items() if k.startswith(("encoder.", "quant_conv."))}, path)
     with torch.device("meta"):  # only the names and shapes
         encoder = Encoder(8, 4)
     return sd_vae_encoder_weights(tensors, encoder, path)
@@ -862,24 +878,52 @@ def checkpoint_file(path, sha256=None, hint=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# downloads into the torch hub cache, with urllib: once, verified, and written by write_durably, so that an
-# interrupted or corrupt download never leaves a file under the name the next call trusts
+# downloads into the torch hub cache, with urllib: once, verified, bounded, and written by write_durably, so
+# that an interrupted or corrupt download never leaves a file under the name the next call trusts
+
+DOWNLOAD_TIMEOUT = 60  # seconds without a byte
+# A read timeout alone never ends a download from a server that sends a byte every few seconds: one also fails
+# when RATE_WINDOW seconds bring fewer than MIN_RATE bytes per second.
+MIN_RATE, RATE_WINDOW = 10_000, 60
+MAX_DOWNLOAD = 64 * 2**30  # bytes, without a Content-Length (a G checkpoint in float32 is 5.6 GB)
+STALE_AGE = 3600  # seconds: a download's temporary file unchanged this long is one a killed process left
+
+
+def cache_path(url, file_name=None):
+    """Where download caches url: <torch hub dir>/checkpoints/<the first 16 hex digits of the URL's
+    sha256>-<file_name, default the URL's file name>. Keyed by the whole URL, since hub files share a few names
+    (model.safetensors; diffusion_pytorch_model.safetensors for sd-vae-ft-mse and the SDXL VAE): two URLs
+    never share a file. A URL whose path ends in /, /. or /.. names no file: a ValueError."""
+    name = file_name or os.path.basename(urllib.parse.urlparse(url).path)
+    if name in ("", ".", ".."):
+        raise ValueError(f"{url} names no file (its path ends in {'/' + name!r})")
+    return os.path.join(torch.hub.get_dir(), "checkpoints", f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
+
 
 def download(url, sha256=None, hint=None, file_name=None):
-    """Local path of the file at url, downloaded into <torch hub dir>/checkpoints/<file_name or the URL's file
-    name> on first use and served from there afterwards, without network. sha256: the expected hex digest, or
-    a prefix of it (torch.hub names files name-<prefix>.pth; names are not parsed here, as a name such as
-    ssdd-f8c4.safetensors holds hex too). Files are cached by name, so when sha256 is given a cached file is
-    hashed again: a file of the same name from another URL, or a wrong one put there by hand, is an error.
+    """Local path of the file at url, downloaded into the torch hub cache (cache_path) on first use and served
+    from there afterwards, without network. sha256: the expected hex digest, or a prefix of it (torch.hub names
+    files name-<prefix>.pth; names are not parsed here, as a name such as ssdd-f8c4.safetensors holds hex too),
+    checked on the download and again whenever the cached file is used. A .safetensors file must parse (its
+    header against its size, as load_safetensors checks it) before it takes its name, and whenever it is used.
+    A download fails when it stalls (DOWNLOAD_TIMEOUT, MIN_RATE) or passes its Content-Length or MAX_DOWNLOAD;
+    it first removes the temporary files of killed downloads of the same file (older than STALE_AGE).
     hint: what else the user can do, ending the offline error "..., or {hint}" (e.g. "pass --weights FILE").
-    Every failure raises a one-line RuntimeError; the download ones say where to put the file by hand."""
-    file_name = file_name or os.path.basename(urllib.parse.urlparse(url).path)
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+    Every failure raises a one-line RuntimeError (a URL that names no file: ValueError; a full disk: OSError,
+    see write_durably); the download ones say where to put the file by hand."""
+    path = cache_path(url, file_name)
     sha256 = sha256 and sha256.lower()
+    safetensors = path.endswith(".safetensors")
     if os.path.exists(path):
         if sha256 and not (digest := file_sha256(path)).startswith(sha256):
-            raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256} for {url}: "
-                               f"another file of the same name? Remove it to download again")
+            raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256} for {url}: damaged, or the file "
+                               f"changed; remove it to download again")
+        if safetensors:
+            try:
+                with open(path, "rb") as f:
+                    safetensors_header(f, path)
+            except ValueError as e:
+                raise RuntimeError(f"{e}; remove it to download again") from None
         return path
 
     def unavailable(why):
@@ -889,24 +933,54 @@ def download(url, sha256=None, hint=None, file_name=None):
     def fetch(f):
         h, n = hashlib.sha256(), 0
         try:
-            with urllib.request.urlopen(url, timeout=60) as r:
-                size = r.headers.get("Content-Length")
-                print(f"downloading {url} to {path}", file=sys.stderr, flush=True)
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    h.update(chunk)
-                    n += len(chunk)
+            r = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
         except urllib.error.HTTPError as e:
             raise unavailable(f"HTTP {e.code} {e.reason}") from None
-        except (OSError, http.client.HTTPException) as e:  # offline, refused, reset or timed out
+        except (OSError, http.client.HTTPException) as e:  # offline, refused or timed out
             raise unavailable(getattr(e, "reason", e)) from None
-        if size is not None and n != int(size):  # urllib returns a body cut short as if it were whole
+        with r:
+            size = r.headers.get("Content-Length")
+            size = int(size) if size and size.isdigit() else None
+            limit = MAX_DOWNLOAD if size is None else size
+            print(f"downloading {url} to {path}", file=sys.stderr, flush=True)
+            start, received = time.monotonic(), 0  # of the current rate window
+            while True:
+                try:
+                    chunk = r.read1(1 << 20)  # what has arrived, up to 1 MiB (read would wait for the whole MiB)
+                except (OSError, http.client.HTTPException) as e:  # reset or timed out
+                    raise unavailable(getattr(e, "reason", e)) from None
+                if not chunk:
+                    break
+                n += len(chunk)
+                if n > limit:
+                    raise unavailable(f"more than {limit} bytes")
+                f.write(chunk)  # outside the trys above: a full disk is no network error
+                h.update(chunk)
+                received += len(chunk)
+                if (elapsed := time.monotonic() - start) >= RATE_WINDOW:
+                    if received < MIN_RATE * elapsed:
+                        raise unavailable(f"stalled: {received} bytes in {elapsed:.0f} s, below {MIN_RATE} bytes/s")
+                    start, received = time.monotonic(), 0
+        if size is not None and n != size:  # urllib returns a body cut short as if it were whole
             raise unavailable(f"the connection closed after {n} of its {size} bytes")
         if sha256 and not h.hexdigest().startswith(sha256):
             raise RuntimeError(f"{url} downloaded with sha256 {h.hexdigest()}, expected {sha256}: "
                                f"corrupt, or the file changed; not kept")
+        if safetensors:  # a body cut short without a Content-Length, or not safetensors at all
+            f.flush()
+            try:
+                with open(f.name, "rb") as g:
+                    safetensors_header(g, url)
+            except ValueError as e:
+                raise RuntimeError(f"{e}; not kept") from None
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    for tmp in glob.glob(glob.escape(path) + ".tmp*"):  # write_durably's path.tmp<pid>
+        try:
+            if time.time() - os.path.getmtime(tmp) > STALE_AGE:
+                os.remove(tmp)
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
     write_durably(path, fetch)
     return path
 
@@ -965,7 +1039,8 @@ def write_durably(path, write, mode="wb"):
     """Write a file atomically and durably: write(f) fills path.tmp<pid>, which is fsynced and renamed over
     path, then the directory is fsynced. A crash leaves the old file or the new one, never a half-written one,
     and without the directory's fsync a power loss can lose the rename. On an error the temporary file is
-    removed and the error raised; a killed process leaves it behind (open_run_dir removes such files)."""
+    removed and the error raised, a full disk (or quota) as the one-line OSError "no space left on device
+    writing PATH"; a killed process leaves it behind (open_run_dir removes such files)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, mode) as f:
@@ -973,9 +1048,16 @@ def write_durably(path, write, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # the OSError of a full disk, raised as it is or as the context of torch.save's RuntimeError
+        # ("enforce fail at inline_container.cc")
+        cause = e
+        while cause is not None and not (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise OSError(f"{os.strerror(cause.errno).lower()} writing {path}") from None
         raise
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -1027,23 +1109,24 @@ def checked_numel(shape):
     return numel
 
 
-def load_safetensors(path):
-    """Returns ({key: tensor}, {metadata key: str}); raises ValueError naming what is wrong with the file."""
+def safetensors_header(f, path):
+    """The header of the .safetensors file open as f (binary, at its start), every field checked against the
+    file's size before a byte of data is read: ({key: (dtype, shape, start, stop)} in the header's order,
+    metadata {key: str}, number of data bytes). A ValueError names path and what is wrong."""
     def bad(why):
         return ValueError(f"{path}: not a valid .safetensors file: {why}")
 
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        if size < 8:
-            raise bad("shorter than its 8-byte header length")
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER or 8 + n > size:
-            raise bad(f"header length {n} exceeds the limit or the file size ({size} bytes)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=unique_keys, parse_int=short_int)
-        except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
-            raise bad(f"unreadable JSON header ({e})") from None
-        data = bytearray(f.read())
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
+        raise bad("shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER or 8 + n > size:
+        raise bad(f"header length {n} exceeds the limit or the file size ({size} bytes)")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=unique_keys, parse_int=short_int)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deeply
+        raise bad(f"unreadable JSON header ({e})") from None
+    data_size = size - 8 - n
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -1060,8 +1143,8 @@ def load_safetensors(path):
         if numel is None:
             raise bad(f"tensor {key!r} has an invalid shape {clipped(shape)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= len(data)):
-            raise bad(f"tensor {key!r} has data offsets {clipped(offsets)} outside the {len(data)} data bytes "
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise bad(f"tensor {key!r} has data offsets {clipped(offsets)} outside the {data_size} data bytes "
                       f"(truncated file?)")
         nbytes = numel * DTYPES[info["dtype"]].itemsize
         if offsets[1] - offsets[0] != nbytes:
@@ -1073,13 +1156,21 @@ def load_safetensors(path):
         if start != end:
             raise bad(f"tensor {key!r} starts at byte {start}, expected {end} (overlapping or gapped data)")
         end = stop
-    if end != len(data):
-        raise bad(f"{len(data) - end} trailing bytes after the last tensor")
-    tensors, view = {}, memoryview(data)  # the tensors share the file's one buffer: slicing bytes would copy it
-    for start, stop, key in spans:
-        info = header[key]
-        buf = view[start:stop]
-        t = torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]) if buf else torch.empty(0, dtype=DTYPES[info["dtype"]])
-        tensors[key] = t.reshape(info["shape"])
-    return tensors, metadata
+    if end != data_size:
+        raise bad(f"{data_size - end} trailing bytes after the last tensor")
+    tensors = {key: (DTYPES[header[key]["dtype"]], header[key]["shape"], start, stop) for start, stop, key in spans}
+    return tensors, metadata, data_size
 
+
+def load_safetensors(path):
+    """Returns ({key: tensor}, {metadata key: str}); raises ValueError naming what is wrong with the file."""
+    with open(path, "rb") as f:
+        header, metadata, data_size = safetensors_header(f, path)
+        data = bytearray(data_size)
+        if f.readinto(data) != data_size:
+            raise ValueError(f"{path}: shorter than its header says (changed while it was read?)")
+    tensors, view = {}, memoryview(data)  # the tensors share the file's one buffer: slicing bytes would copy it
+    for key, (dtype, shape, start, stop) in header.items():
+        buf = view[start:stop]
+        tensors[key] = (torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)).reshape(shape)
+    return tensors, metadata

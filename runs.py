@@ -11,12 +11,14 @@ when the tensorboard package is installed (`tensorboard --logdir runs`).
 import argparse
 import contextlib
 import datetime
+import glob
 import importlib.util
 import itertools
 import json
 import os
 import re
 import sys
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -29,7 +31,8 @@ import fid
 import losses
 import metrics
 import optim
-from model import SSDD, check_image_size, load_safetensors, published_url, save_safetensors, write_durably
+from model import (SSDD, cache_path, check_image_size, load_safetensors, published_url, save_safetensors,
+                   write_durably)
 
 # ----------------------------------------------------------------------------------------------------------
 # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python script.py` is one process.
@@ -42,14 +45,19 @@ def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ["LOCAL_RANK"])
+    # torchrun keeps one store for every attempt of a launch (--max-restarts): an attempt's process group must
+    # not read the keys a killed attempt left there, the addresses of processes that are gone (a restarted
+    # worker that starts after the other then hangs or fails in gloo's connect, and NCCL's id exchange alike)
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
     if torch.cuda.is_available():
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, store=store, rank=rank, world_size=world)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    return rank, world, device
 
 
 def cleanup_distributed():
@@ -100,9 +108,12 @@ def stop_unless_finite(values, step, state_path):
     the last checkpoint stays the last good one."""
     bad = torch.stack([~torch.isfinite(v.detach()) for v in values.values()]).any().float()
     if all_reduce(bad, dist.ReduceOp.MAX).item():
+        advice = (f"The last good checkpoint {state_path} is intact: resume from it with a lower --lr."
+                  if os.path.exists(state_path) else
+                  f"No checkpoint was written yet ({state_path}): the weights the run started from (--init, "
+                  f"--encoder-ckpt, --teacher) are the likely cause, or a too high --lr.")
         raise SystemExit(f"error: non-finite loss or gradient at step {step + 1} "
-                         f"({ {k: v.item() for k, v in values.items()} }); stopping. The last good checkpoint "
-                         f"{state_path} is intact: resume from it with a lower --lr.")
+                         f"({ {k: v.item() for k, v in values.items()} }); stopping. {advice}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,14 +206,39 @@ def input_errors():
         error(e)
 
 
+@contextlib.contextmanager
+def io_errors():
+    """Around a script's work: what the data or the disk make fail becomes error(), ValueError (an image that
+    cannot be read: data.UnreadableImage) and OSError (a full disk: write_durably's "no space left on device
+    writing PATH"; no permission). A RuntimeError there is no mistake of the user's, and keeps its traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        error(e)
+
+
+def check_writable(folder, option):
+    """Files can be created in folder (not read-only, not another user's), or error(): checked before the work
+    whose results go there."""
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        error(f"{option}: cannot write into {folder} ({e.strerror or e})")
+
+
 def check_files(args, *names, url=False):
-    """Each of these options (None: not given) must name an existing file; url: an http(s):// URL or the name of
-    a published checkpoint (model.published_url) is taken too (model.py downloads it)."""
+    """Each of these options (None: not given) must name an existing file; url: an http(s):// URL of a file or
+    the name of a published checkpoint (model.published_url) is taken too (model.py downloads it)."""
     for name in names:
         path = getattr(args, name)
-        if path is None or url and (path.startswith(("https://", "http://")) or published_url(path)):
+        if path is None or url and published_url(path):
             continue
-        if not os.path.isfile(path):
+        if url and path.startswith(("https://", "http://")):
+            try:
+                cache_path(path)
+            except ValueError as e:
+                error(f"--{name.replace('_', '-')} {e}")
+        elif not os.path.isfile(path):
             error(f"--{name.replace('_', '-')} {path!r} " + ("is a folder, not a file" if os.path.isdir(path)
                                                             else "does not exist"))
 
@@ -270,8 +306,8 @@ def torchrun_job():
 def default_run_dir(prefix):
     """runs/<prefix><date-time>, created here (with a suffix -1, -2, ... when a run launched in the same second
     took the name). Under torchrun with --max-restarts the name is noted in runs/.torchrun-<prefix><rendezvous
-    id>, and the workers torchrun restarts after a failure read it back, so that they go on with the same run;
-    a fresh launch always starts a new run."""
+    id>, and the workers torchrun restarts after a failure read it back, so that they go on with the same run
+    (the note is removed when the run ends: RunLog.close); a fresh launch always starts a new run."""
     job, restarted = torchrun_job()
     note = os.path.join("runs", f".torchrun-{prefix}{job}")
     if restarted and os.path.exists(note):
@@ -344,15 +380,20 @@ def restore_training_state(state, loss_model, ema, optimizer, args, run_dir, ran
     """Load a saved state into the loss module (model and REPA head), the EMA, the optimizer and the GAN
     critic with its optimizer when given (and saved); returns (step, best rFID) and says which arguments
     changed since the state was saved."""
-    loss_model.ssdd.load_state_dict(state["model"])
-    if loss_model.repa_loss is not None:
-        loss_model.repa_loss.load_state_dict(state["repa_loss"])
-    ema.load_state_dict(state["ema"])
-    optimizer.load_state_dict(state["optimizer"])
-    if critic is not None and "disc" in state:
-        critic.load_state_dict(state["disc"])  # with its spectral norms' power-iteration vectors
-        critic_optimizer.load_state_dict(state["disc_optimizer"])
     changed = {k: (state["args"].get(k), v) for k, v in vars(args).items() if state["args"].get(k) != v}
+    try:
+        loss_model.ssdd.load_state_dict(state["model"])
+        if loss_model.repa_loss is not None:
+            loss_model.repa_loss.load_state_dict(state["repa_loss"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        if critic is not None and "disc" in state:
+            critic.load_state_dict(state["disc"])  # with its spectral norms' power-iteration vectors
+            critic_optimizer.load_state_dict(state["disc_optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:  # another model, or other trained parameters (--train-encoder)
+        error(f"cannot resume {run_dir}: its state.pt holds another model or optimizer than these arguments make "
+              f"({type(e).__name__}: {' '.join(str(e).split())[:200]}; arguments changed (was, now): {changed}); "
+              f"resume with the arguments it was saved with, or give another --run-dir")
     if rank == 0:
         print(f"resuming {run_dir} at step {state['step']}"
               + (f"; arguments changed (was, now): {changed}" if changed else ""))
@@ -387,9 +428,10 @@ def save_checkpoint(run_dir, step, best_rfid, args, loss_model, ema, optimizer, 
         gan = dict(disc=critic.state_dict(), disc_optimizer=critic_optimizer.state_dict()) if critic else {}
         state = dict(step=step, best_rfid=best_rfid, args=vars(args), model=loss_model.ssdd.state_dict(),
                      ema=ema.state_dict(), optimizer=optimizer.state_dict(), **repa, **gan)
-        write_durably(os.path.join(run_dir, "state.pt"), lambda f: torch.save(state, f))
-        save_weights(ema, os.path.join(run_dir, "ema.safetensors"), repa_head_weights(loss_model, optimizer),
-                     step=step, **metadata)
+        with io_errors():  # a full disk: one line, the previous checkpoint intact
+            write_durably(os.path.join(run_dir, "state.pt"), lambda f: torch.save(state, f))
+            save_weights(ema, os.path.join(run_dir, "ema.safetensors"), repa_head_weights(loss_model, optimizer),
+                         step=step, **metadata)
     barrier()
 
 
@@ -444,16 +486,19 @@ class RunLog:
     number of a record as the scalar train/<name> (those of a dict field, the validation metrics, as
     eval/<name>) at the record's step, and the sample grids (image()). step: the step the run starts from;
     what a crashed attempt logged after it is dropped from log.jsonl and purged from the events (hidden from
-    TensorBoard), so a resumed run logs each step once."""
+    TensorBoard), so a resumed run logs each step once. close() at the end of the run also removes the
+    torchrun note that names it (default_run_dir): no restarted worker will need it."""
 
     def __init__(self, run_dir, rank, step=0):
         self.file = self.writer = None
+        self.run_dir = run_dir
         if rank == 0:
             path = os.path.join(run_dir, "log.jsonl")
             if os.path.exists(path):  # a resumed or restarted run
                 with open(path) as f:
                     kept = [line for line in f if logged_step(line) <= step]
-                write_durably(path, lambda f: f.writelines(kept), "w")
+                with io_errors():
+                    write_durably(path, lambda f: f.writelines(kept), "w")
             self.file = open(path, "a")
             if importlib.util.find_spec("tensorboard"):
                 from torch.utils.tensorboard import SummaryWriter
@@ -481,6 +526,11 @@ class RunLog:
     def close(self):
         if self.file is not None:
             self.file.close()
+            for note in glob.glob(os.path.join("runs", ".torchrun-*")):
+                with open(note) as f:
+                    named = f.read() == self.run_dir
+                if named:
+                    os.remove(note)
         if self.writer is not None:
             self.writer.close()
 
@@ -537,21 +587,24 @@ def validate(ema, val_set, args, local_batch, device, inception, run_dir, step, 
     """The periodic validation of the EMA model (a collective call): log its metrics, save a grid of
     originals above reconstructions, keep its weights as best.safetensors (with metadata), and repa_head
     (repa_head_weights, None without REPA) beside them, when its rFID is the lowest so far. Returns the best
-    rFID."""
-    scores, (orig, rec) = metrics.reconstruct(ema, val_set, local_batch, device, num_images=args.eval_images,
-                                              seed=args.seed, inception=inception, workers=args.num_workers)
+    rFID. An unreadable validation image, or a failed write, stops the run with one line."""
+    with io_errors():
+        scores, (orig, rec) = metrics.reconstruct(ema, val_set, local_batch, device, num_images=args.eval_images,
+                                                  seed=args.seed, inception=inception, workers=args.num_workers)
     log(dict(step=step, eval=scores))
     rfid = scores["rfid"]
     if rank == 0:
         print(f"step {step}: validation PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f}"
               + (f", rFID {rfid:.2f}" if rfid is not None else ""), flush=True)
         grid = torchvision.utils.make_grid(torch.cat([orig[:8], rec[:8]]) * 0.5 + 0.5, nrow=min(8, len(orig)))
-        # made here, not in open_run_dir: a run that fails during its setup leaves its run dir empty, reusable
-        os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
-        torchvision.utils.save_image(grid, os.path.join(run_dir, "samples", f"{step:08d}.png"))
+        with io_errors():
+            # made here, not in open_run_dir: a run that fails during its setup leaves its run dir empty, reusable
+            os.makedirs(os.path.join(run_dir, "samples"), exist_ok=True)
+            torchvision.utils.save_image(grid, os.path.join(run_dir, "samples", f"{step:08d}.png"))
+            if rfid is not None and rfid < best_rfid:
+                save_weights(ema, os.path.join(run_dir, "best.safetensors"), repa_head, step=step, rfid=rfid,
+                             **metadata)
         log.image("eval/samples", grid, step)
-        if rfid is not None and rfid < best_rfid:
-            save_weights(ema, os.path.join(run_dir, "best.safetensors"), repa_head, step=step, rfid=rfid, **metadata)
     barrier()
     return best_rfid if rfid is None else min(best_rfid, rfid)
 

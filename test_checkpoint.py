@@ -291,3 +291,17 @@ def test_good_metadata_is_accepted(tmp_path, meta):
     """The metadata passes: the error is the next check's, about the missing tensors."""
     with pytest.raises(ValueError, match="is not an SSDD checkpoint"):
         SSDD.from_checkpoint(metadata_file(tmp_path, **meta))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_refused(tmp_path, value):
+    """They would decode NaN images, and latent_stats.py would write NaN statistics into the file; bfloat16
+    files are checked too."""
+    torch.manual_seed(0)
+    tensors = {k: v.bfloat16() for k, v in SSDD("f8c4", TINY).state_dict().items()}
+    tensors["decoder.mid_block.transformer_blocks.1.ff.proj_out.weight"][3, 5] = value
+    save_safetensors(tensors, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'm.safetensors'}: tensor 'decoder.mid_block"
+                                         r"\.transformer_blocks\.1\.ff\.proj_out\.weight' holds non-finite values"):
+        SSDD.from_checkpoint(tmp_path / "m.safetensors")
+

@@ -19,6 +19,7 @@ from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d
 
 import data
 import fid
+import model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = os.path.join(HERE, "testdata", "photos")
@@ -256,7 +257,7 @@ def test_cli_errors(tmp_path, capsys):
 def test_offline_error_says_where_to_put_the_weights(fake_internet, tmp_path):
     with pytest.raises(RuntimeError, match="pt_inception-2015-12-05-6726825d.pth.*--fid-weights"):
         fid.load_inception()
-    assert not os.path.exists(tmp_path / "hub" / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth")
+    assert not os.path.exists(model.cache_path(fid.INCEPTION_URL)) and os.listdir(tmp_path / "hub" / "checkpoints") == []
 
 
 def test_download_is_hash_checked(fake_internet, tmp_path):
@@ -264,3 +265,28 @@ def test_download_is_hash_checked(fake_internet, tmp_path):
     with pytest.raises(RuntimeError, match="sha256 .*, expected 6726825d"):
         fid.load_inception()
     assert os.listdir(tmp_path / "hub" / "checkpoints") == []
+
+
+def test_cli_unreadable_images_are_one_line(tmp_path, capsys, bomb_folder):
+    """A header Pillow refuses (a "decompression bomb"), found by the size check before the network loads, and
+    a file cut short after its header, found by a data loader worker while the features are computed: both
+    one line naming the file."""
+    def error(*argv):
+        with pytest.raises(SystemExit) as e:
+            fid.main([*map(str, argv), "--device", "cpu"])
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]  # after the progress bar
+        assert e.value.code == 2 and err.count("error") == 1 and "Traceback" not in err, err
+        assert line.startswith("fid.py: error: cannot read image "), err
+        return line
+
+    assert f"{bomb_folder / '0_bomb.png'}: Image size (400000000 pixels) exceeds limit" in error(bomb_folder,
+                                                                                              bomb_folder)
+    write_images(tmp_path / "cut", [(32, 32)] * 3)
+    png = (tmp_path / "cut" / "1.png").read_bytes()
+    (tmp_path / "cut" / "1.png").write_bytes(png[:len(png) // 2])
+    torch.save(random_inception_state_dict(seed=2), tmp_path / "w.pth")
+    assert data.default_workers() > 0  # the file is read in a worker process
+    assert f"{tmp_path / 'cut' / '1.png'}: image file is truncated" in error(
+        tmp_path / "cut", "--save-stats", tmp_path / "c.npz", "--weights", tmp_path / "w.pth")
+    assert not os.path.exists(tmp_path / "c.npz")

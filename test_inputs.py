@@ -3,7 +3,9 @@ status 2, found before anything is built or written; a training step too big for
 refused at once; images of every mode load as the same 8-bit RGB; folders are listed once whatever their
 links; offline hints name the script's own flag; a folder without train/ and val/ holds out its validation
 images."""
+import argparse
 import json
+import math
 import os
 import struct
 import subprocess
@@ -190,14 +192,22 @@ def test_evaluate_and_latent_stats_bad_arguments(capsys, ckpt, files):
     stops(capsys, evaluate.main, eval_argv(f16, "--im", "72"), "image sides must be divisible by 16", seconds=5)
 
 
-def test_url_checkpoints_pass_the_checks():
+def test_url_checkpoints_pass_the_checks(capsys):
     """SSDD.from_checkpoint downloads https:// checkpoints and published names, and encoder_weights also
-    sd-vae-ft-mse: the checks take them (the downloads are tested in test_download.py)."""
+    sd-vae-ft-mse: the checks take them (the downloads are tested in test_download.py), but not a URL that names
+    no file."""
     for url in ("https://example.com/ssdd.safetensors", "F8C4_M_256"):
         for encoder in (url, "sd-vae-ft-mse"):
             train_ae.check_args(train_ae.parse_args(train_argv("--init", url, "--encoder-ckpt", encoder)))
             distill.check_args(distill.parse_args(distill_argv(url, "--encoder-ckpt", encoder)))
             evaluate.check_args(evaluate.parse_args(eval_argv(url, "--encoder-ckpt", encoder)))
+    for end in ("/", "/.."):
+        bad = "https://example.com/ssdd" + end
+        phrase = f"{bad} names no file (its path ends in '{end}')"
+        stops(capsys, train_ae.main, train_argv("--init", bad), f"--init {phrase}")
+        stops(capsys, train_ae.main, train_argv("--encoder-ckpt", bad), f"--encoder-ckpt {phrase}")
+        stops(capsys, distill.main, distill_argv(bad), f"--teacher {phrase}")
+        stops(capsys, evaluate.main, eval_argv(bad), f"--ckpt {phrase}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,6 +263,75 @@ def test_init_of_another_size_is_one_line(capsys, ckpt, files):
     assert e.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: {other} does not hold the weights of SSDD: Missing key(s)")
     assert len(lines[0]) < 400
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation and latent export: an unreadable image is an error, outputs are checked before the work
+
+# A folder in which no process can create a file, root included (sysfs), so that a read-only path is tested
+# whoever runs the tests.
+UNWRITABLE = "/sys"
+
+
+def fails(capsys, main, argv, phrase):
+    """main(argv) stops with exit status 2 and one `error: ...` line on stderr, its last one, that contains
+    phrase (a progress bar may come before it). Returns the line."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert e.value.code == 2 and "Traceback" not in err and err.count("error: ") == 1, err
+    assert lines[-1].startswith("error: ") and phrase in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def test_evaluation_never_substitutes_an_unreadable_image(capsys, ckpt, files, bomb_folder):
+    """Among 8 readable photos, a file Pillow refuses: a substitute would count the next image twice (9
+    images reported) and save its reconstruction under the bad file's name. Evaluation, its periodic form in
+    training and latent export stop on it with one line naming it, also through a data loader worker, before
+    any result is written."""
+    bomb = bomb_folder / "0_bomb.png"
+    phrase = f"cannot read image {bomb}: Image size (400000000 pixels) exceeds limit"
+    recons = files / "recons"
+    fails(capsys, evaluate.main, ["--ckpt", ckpt, "--data", bomb_folder, "--im", "64", "--num-workers", "1",
+                                  "--steps", "1", "--json", files / "r.json", "--save-recons", recons], phrase)
+    assert not os.path.exists(files / "r.json") and os.listdir(recons) == []
+    copy = files / "copy.safetensors"
+    copy.write_bytes(open(ckpt, "rb").read())
+    fails(capsys, latent_stats.main, ["--ckpt", copy, "--data", bomb_folder, "--im", "64", "--num-workers", "1",
+                                      "--save-latents", files / "latents"], phrase)
+    assert copy.read_bytes() == open(ckpt, "rb").read() and os.listdir(files / "latents") == []
+    val = data.load_split(str(bomb_folder), "val", 64)
+    with pytest.raises(SystemExit) as e:
+        runs.validate(SSDD.from_checkpoint(ckpt), val, argparse.Namespace(eval_images=9, seed=0, num_workers=0), 4,
+                      torch.device("cpu"), None, str(files / "run"), 10, math.inf, 0, lambda record: None)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {phrase}") and err.count("\n") == 1, err
+
+
+def test_evaluate_outputs_are_checked_before_the_work(capsys, ckpt, files):
+    stops(capsys, evaluate.main, eval_argv(ckpt, "--json", files), f"--json {str(files)!r} is a folder, not a file")
+    stops(capsys, evaluate.main, eval_argv(ckpt, "--json", f"{UNWRITABLE}/r.json"),
+          f"--json: cannot write into {UNWRITABLE}")
+    stops(capsys, evaluate.main, eval_argv(ckpt, "--save-recons", UNWRITABLE),
+          f"--save-recons: cannot write into {UNWRITABLE}")
+    # --save-recons overwrites no file
+    recons = files / "recons"
+    (recons / "Kite_s512_1_1.png").parent.mkdir()
+    (recons / "Kite_s512_1_1.png").write_bytes(b"an earlier reconstruction, or a photo")
+    stops(capsys, evaluate.main, eval_argv(ckpt, "--save-recons", recons),
+          f"--save-recons {str(recons)!r} already holds 1 of the 6 reconstructions (Kite_s512_1_1.png): give a new "
+          f"or empty folder")
+    assert os.listdir(recons) == ["Kite_s512_1_1.png"]
+
+
+def test_a_full_disk_is_one_line(capsys, offline, ckpt, files, full_disk):
+    """evaluate.py's --json is written atomically: on a full disk neither it nor a temporary file is left."""
+    full_disk(100, "r.json")
+    out = files / "r.json"
+    fails(capsys, evaluate.main, eval_argv(ckpt, "--limit", "2", "--steps", "1", "--json", out),
+          f"error: no space left on device writing {out}")
+    assert not [f for f in os.listdir(files) if f.startswith("r.json")]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ finished shards. A tiny model at 64 px on CPU, in float32.
 """
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -52,10 +53,11 @@ def test_latents_are_the_encoder_means_of_the_val_crops(ckpt, tmp_path):
     assert index["shards"] == ["latents-00000-of-00002.safetensors", "latents-00001-of-00002.safetensors"]
     assert index["root"] == os.path.join(PHOTOS, "val")
     assert index["paths"] == sorted(os.listdir(os.path.join(PHOTOS, "val")))
-    assert index["checkpoint"] == ckpt and json.loads(metadata[0]["checkpoint"]) == ckpt
+    model = SSDD.from_checkpoint(ckpt)
+    assert index["checkpoint"] == ckpt and index["encoder_sha256"] == latent_stats.encoder_sha256(model)
+    assert all(json.loads(m[k]) == index[k] for m in metadata for k in m) and len(metadata[0]) == 7
     assert (index["latent_mean"], index["latent_std"]) == (mean, std)
     assert t["indices"].tolist() == list(range(6)) and t["labels"].tolist() == [-1] * 6  # no class folders
-    model = SSDD.from_checkpoint(ckpt)
     assert (model.latent_mean, model.latent_std) == (mean, std)
     x = torch.stack([val[i] for i in range(len(val))])
     with torch.no_grad():
@@ -122,3 +124,101 @@ def test_killed_run_resumes_without_recomputing(ckpt, tmp_path, monkeypatch, cap
     with pytest.raises(SystemExit) as e:
         run(ckpt, PHOTOS, out, *args, "--flip")
     assert e.value.code == 2 and "holds latents of other settings" in capsys.readouterr().err
+
+
+def encoded_images(monkeypatch):
+    """The number of images each SSDD.encode call gets, from now on."""
+    encoded, encode = [], SSDD.encode
+    monkeypatch.setattr(SSDD, "encode", lambda self, x, *a: encoded.append(len(x)) or encode(self, x, *a))
+    return encoded
+
+
+def refused(capsys, *argv):
+    """latent_stats.main stops with one `error:` line (the last on stderr) and exit status 2; returns it."""
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("error: ") == 1 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def files(out):
+    return sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+
+
+def test_shards_are_recognised_by_the_encoder_weights(ckpt, tmp_path, monkeypatch, capsys):
+    """Not by the checkpoint's path: a checkpoint trained further at the same path has other latents. Its
+    decoder does not count (nor the statistics written into the file), its encoder does."""
+    out = tmp_path / "out"
+    args = ("--limit", "4", "--shard-size", "2")
+    first = run(ckpt, PHOTOS, out, *args)
+    shards = files(out)[1:]  # after index.json
+    encoded = encoded_images(monkeypatch)
+    m = SSDD.from_checkpoint(ckpt)
+    with torch.no_grad():
+        m.decoder.conv_in.weight.mul_(2)  # more training of the decoder on the frozen encoder
+    m.save(ckpt)
+    assert run(ckpt, PHOTOS, out, *args) == first and encoded == [] and files(out)[1:] == shards
+    before = files(out)
+    with torch.no_grad():
+        m.encoder.conv_in.weight.mul_(2)
+    m.save(ckpt)
+    line = refused(capsys, ckpt, PHOTOS, out, *args)
+    assert re.search(r"latents-00000-of-00002.safetensors holds latents of other settings \(was, now: "
+                     r"\{'encoder_sha256': \('\"[0-9a-f]{64}\"', '\"[0-9a-f]{64}\"'\)\}\); use another", line), line
+    assert encoded == [] and files(out) == before
+
+
+def test_latents_of_another_layout_or_settings_are_refused(ckpt, tmp_path, capsys):
+    """Shards of --shard-size 2 or --limit 4 beside new ones would be read together by a loader globbing
+    latents-*: another --shard-size, --limit, --im or --flip is refused before anything is encoded or written."""
+    out = tmp_path / "out"
+    run(ckpt, PHOTOS, out, "--limit", "4", "--shard-size", "2")
+    before = files(out)
+    for extra, phrase in ((("--limit", "4", "--shard-size", "1"), "holds latents-00000-of-00002.safetensors, not a "
+                                                                 "shard of this run's 4"),
+                          (("--limit", "4", "--shard-size", "3"), "{'shard_size': ('2', '3')}"),  # 2 shards too
+                          (("--limit", "3", "--shard-size", "2"), "of other settings (was, now: {'images': ('4', '3'), "
+                                                                 "'paths_sha256'"),
+                          (("--limit", "6", "--shard-size", "2"), "holds latents-00000-of-00002.safetensors, not a "
+                                                                 "shard of this run's 3"),
+                          (("--limit", "4", "--shard-size", "2", "--im", "128"), "{'im': ('64', '128')}"),
+                          (("--limit", "4", "--shard-size", "2", "--flip"), "{'flip': ('false', 'true')}")):
+        assert phrase in refused(capsys, ckpt, PHOTOS, out, *extra)
+        assert files(out) == before
+
+
+def test_folder_problems_are_one_line_before_the_work(ckpt, tmp_path, monkeypatch, capsys, full_disk):
+    """A garbage file named like a shard, a folder that cannot be written (sysfs: not even by root), and a
+    full disk while a shard is written (its temporary file removed, the statistics not written)."""
+    encoded = encoded_images(monkeypatch)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "latents-00000-of-00001.safetensors").write_bytes(b"not latents")
+    assert "latents-00000-of-00001.safetensors: not a valid .safetensors file" in refused(capsys, ckpt, PHOTOS, out,
+                                                                                         "--limit", "2")
+    assert "--save-latents: cannot write into /sys" in refused(capsys, ckpt, PHOTOS, "/sys", "--limit", "2")
+    assert encoded == []
+    checkpoint = open(ckpt, "rb").read()
+    full_disk(1000, "latents-")
+    assert refused(capsys, ckpt, PHOTOS, tmp_path / "full", "--limit", "2").endswith(
+        f"error: no space left on device writing {tmp_path / 'full' / 'latents-00000-of-00001.safetensors'}")
+    assert os.listdir(tmp_path / "full") == [] and open(ckpt, "rb").read() == checkpoint
+
+
+@pytest.mark.parametrize("weight", [0, 3e38])
+def test_statistics_that_cannot_normalise_are_refused(ckpt, tmp_path, capsys, weight):
+    """Latents of one value (no spread: std 0), or too large for float32 (finite weights near its largest
+    value overflow): the checkpoint would no longer load. Refused before they are written (the overflow
+    before the shard that holds it)."""
+    m = SSDD.from_checkpoint(ckpt)
+    with torch.no_grad():
+        m.encoder.out_proj.weight.fill_(weight)
+        m.encoder.out_proj.bias.fill_(0.5)
+    m.save(ckpt)
+    checkpoint = open(ckpt, "rb").read()
+    line = refused(capsys, ckpt, PHOTOS, tmp_path / "out", "--limit", "2")
+    assert ("latent mean 0.5, std 0.0 over 512 elements: a NaN, an infinity or no spread; not written into" in line
+            if weight == 0 else "the latents of images 0 to 1 are not finite (NaN or infinity)" in line), line
+    assert open(ckpt, "rb").read() == checkpoint
+    assert os.listdir(tmp_path / "out") == (["latents-00000-of-00001.safetensors"] if weight == 0 else [])

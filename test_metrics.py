@@ -12,6 +12,7 @@ import torch
 
 import data
 import metrics
+import model
 import weights
 from test_fid import assert_rel_close, photos
 
@@ -88,10 +89,11 @@ def test_downloads_are_hash_checked(fake_internet, tmp_path):
     assert weights.download(metrics.LPIPS_HEADS_URL.format("vgg"), "",
                             f"lpips_v0.1_vgg-{metrics.LPIPS_HEADS_SHA256['vgg'][:10]}.pth")
     fake_internet[metrics.LPIPS_HEADS_URL.format("alex")] = b"corrupted"
-    os.remove(tmp_path / "hub" / "checkpoints" / "lpips_v0.1_alex-df73285e35.pth")
+    os.remove(model.cache_path(metrics.LPIPS_HEADS_URL.format("alex"), "lpips_v0.1_alex-df73285e35.pth"))
     with pytest.raises(RuntimeError, match="sha256 .*, expected df73285e35"):
         metrics.LPIPS("alex", backbone=str(backbone))
-    assert sorted(os.listdir(tmp_path / "hub" / "checkpoints")) == ["lpips_v0.1_vgg-a78928a0af.pth"]
+    assert os.listdir(tmp_path / "hub" / "checkpoints") == [
+        os.path.basename(model.cache_path(metrics.LPIPS_HEADS_URL.format("vgg"), "lpips_v0.1_vgg-a78928a0af.pth"))]
 
 
 # -----------------------------------------------------------------------------

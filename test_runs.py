@@ -3,6 +3,7 @@ torchrun restart note, and durable checkpoint writes. (test_train.py runs resume
 """
 import argparse
 import datetime
+import json
 import math
 import os
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import losses
+import model
 import optim
 import runs
 from model import SSDD
@@ -80,3 +82,58 @@ def test_checkpoint_files_are_fsynced_before_and_after_their_rename(tmp_path, mo
         assert events[i - 1] == ("fsync", tmp) and events[i + 1] == ("fsync", run_dir), (name, events)
     assert sorted(os.listdir(run_dir)) == ["ema.repa.safetensors", "ema.safetensors", "state.pt"]
     assert torch.load(os.path.join(run_dir, "state.pt"), weights_only=True)["step"] == 3
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line(tmp_path, capsys, full_disk):
+    """torch.save says "enforce fail at inline_container.cc" of a full disk: the run stops with one line that
+    says it, the temporary file removed (it would keep the disk full), the previous checkpoint intact. The
+    same for the weights files beside it."""
+    torch.manual_seed(0)
+    loss_model = losses.TrainingLoss(SSDD("f8c4", TINY), train_encoder=False, repa=False)
+    optimizer = optim.RAdamScheduleFree(loss_model.parameters(), lr=1e-3)
+    optimizer.train()
+    save = lambda step: runs.save_checkpoint(str(tmp_path), step, math.inf, argparse.Namespace(lr=1e-3), loss_model,
+                                             loss_model.ssdd, optimizer, 0, lambda record: None)
+    save(3)
+    for name in ("state.pt", "ema.safetensors"):
+        full_disk(100_000, name)
+        with pytest.raises(SystemExit) as e:
+            save(4)
+        assert e.value.code == 2
+        assert capsys.readouterr().err == f"error: no space left on device writing {tmp_path / name}\n"
+        assert sorted(os.listdir(tmp_path)) == ["ema.safetensors", "state.pt"]
+        assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == (3 if name == "state.pt" else 4)
+        assert json.loads(model.load_safetensors(tmp_path / "ema.safetensors")[1]["step"]) == 3
+
+
+def test_the_non_finite_stop_says_what_is_true(tmp_path):
+    """Before the first checkpoint there is no checkpoint to resume from: the weights the run started from
+    are the likely cause (or the learning rate)."""
+    values = dict(loss=torch.tensor(float("nan")), grad_norm=torch.tensor(2.0))
+    state_path = str(tmp_path / "state.pt")
+    with pytest.raises(SystemExit, match=r"^error: non-finite loss or gradient at step 1 \({'loss': nan, 'grad_norm': "
+                                         rf"2.0}}\); stopping. No checkpoint was written yet \({state_path}\): the "
+                                         r"weights the run started from \(--init, --encoder-ckpt, --teacher\) are the "
+                                         r"likely cause, or a too high --lr.$"):
+        runs.stop_unless_finite(values, 0, state_path)
+    open(state_path, "w").close()
+    with pytest.raises(SystemExit, match=f"step 6 .* The last good checkpoint {state_path} is intact: resume from it "
+                                         f"with a lower --lr.$"):
+        runs.stop_unless_finite(values, 5, state_path)
+    runs.stop_unless_finite(dict(loss=torch.tensor(1.0)), 5, state_path)  # finite: nothing happens
+
+
+def test_the_torchrun_note_goes_when_its_run_ends(tmp_path, monkeypatch):
+    """runs/.torchrun-<id> is needed only while torchrun may restart the launch's workers."""
+    monkeypatch.chdir(tmp_path)
+    for k, v in dict(TORCHELASTIC_RUN_ID="job7", TORCHELASTIC_MAX_RESTARTS="3", TORCHELASTIC_RESTART_COUNT="0").items():
+        monkeypatch.setenv(k, v)
+    run_dir, _, _ = runs.open_run_dir(None, "", 0)
+    other = runs.default_run_dir("distill-")  # another launch's, still running
+    assert sorted(os.listdir("runs")) == sorted([".torchrun-distill-job7", ".torchrun-job7",
+                                                 os.path.basename(run_dir), os.path.basename(other)])
+    log = runs.RunLog(run_dir, 0)
+    log({"step": 1, "loss": 0.5})
+    log.close()
+    assert sorted(os.listdir("runs")) == sorted([".torchrun-distill-job7", os.path.basename(run_dir),
+                                                 os.path.basename(other)])

@@ -351,3 +351,19 @@ def test_scripts_take_the_encoder_of_a_decoder_only_checkpoint(files, tmp_path, 
     assert all(torch.equal(ema.state_dict()[k], v) for k, v in decoder.items())
     with torch.no_grad():
         assert rel_err(ema.encode(images(64, 64)), reference_latent(64, 64)) < 1e-5
+
+
+def test_non_finite_encoder_weights_are_refused(tmp_path):
+    """Named with the file's own key; a NaN in the VAE's decoder, which is not used, is no matter."""
+    sd = {k: v.clone() for k, v in reference().state_dict().items()
+          if k.startswith(("encoder.", "quant_conv.", "decoder.conv_in."))}
+    sd["decoder.conv_in.weight"][0, 0] = float("nan")
+    path = save(tmp_path, sd)
+    SSDD.from_sd_vae(path, decoder=TINY)
+    sd["encoder.down_blocks.2.resnets.1.conv2.weight"][7, 1, 0, 2] = float("inf")
+    path = save(tmp_path, sd)
+    with pytest.raises(ValueError, match=f"^{path}: tensor 'encoder.down_blocks.2.resnets.1.conv2.weight' holds "
+                                         "non-finite values"):
+        SSDD.from_sd_vae(path, decoder=TINY)
+    with pytest.raises(ValueError, match="holds non-finite values"):
+        model.encoder_weights(path)  # train_ae.py --encoder-ckpt

@@ -487,6 +487,26 @@ def test_run_dir_without_training_state_is_refused(tmp_path, encoder_ckpt, full_
         assert files() == before
 
 
+def test_resuming_another_model_is_one_line(tmp_path, encoder_ckpt, full_run, capsys):
+    """A run dir whose state.pt another --size, --encoder or --train-encoder saved: one line naming the changed
+    arguments, exit status 2, nothing written (not the traceback of load_state_dict's size mismatches)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run, run_dir)
+    files = lambda: sorted((p, p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
+    before = files()
+    for extra, changed in ((("--size", '{"widths": [32, 32, 64, 96], "depth": 2, "heads": 2}'), "'size': ("),
+                           (("--encoder", "f16c4"), "'encoder': ('f8c4', 'f16c4')"),
+                           (("--train-encoder",), "'train_encoder': (False, True)")):
+        with pytest.raises(SystemExit) as e:
+            train_ae.main(cli(run_dir, encoder_ckpt, STEPS, PHOTOS, *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and len(err) < 1000, err
+        assert err.startswith(f"error: cannot resume {run_dir}: its state.pt holds another model or optimizer than "
+                              f"these arguments make") and changed in err, err
+        assert err.endswith("resume with the arguments it was saved with, or give another --run-dir\n"), err
+        assert files() == before
+
+
 def test_gan_run_and_resume(tmp_path, encoder_ckpt, no_fid):
     """--gan from step 2 with the EMA warming up from step 4: the critic and its optimizer train and are
     checkpointed; stopping at step 6, once RAdam's warm-up is over and the model's and the critic's weights
@@ -525,12 +545,9 @@ def torchrun(nproc, args, tmp_path, timeout=600, launcher=(), prelude="", cwd=HE
                           text=True, timeout=timeout)
 
 
-def test_two_processes_match_one(tmp_path, encoder_ckpt, full_run):
-    out = torchrun(2, cli(tmp_path / "run", encoder_ckpt, STEPS), tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
-    run_dir = tmp_path / "run"
-    fingerprints = [r["replica_fingerprints"] for r in read_log(run_dir) if "replica_fingerprints" in r]
-    assert len(fingerprints) == 1 and len(fingerprints[0]) == 2 and fingerprints[0][0] == fingerprints[0][1]
+def assert_two_processes_match_one(run_dir, full_run):
+    """The run in run_dir, on two processes, ended with the weights and losses of the one-process full_run,
+    up to rounding, each step logged once."""
     two, one = state(run_dir), state(full_run)
     torch.manual_seed(0)  # the runs' initial weights
     init = SSDD("f8c4", json.loads(TINY)).state_dict()
@@ -547,42 +564,64 @@ def test_two_processes_match_one(tmp_path, encoder_ckpt, full_run):
         for k in one[key]:
             if k.startswith("encoder."):
                 assert torch.equal(one[key][k], two[key][k])
-    log_two, log_one = read_log(run_dir), read_log(full_run)
-    for a, b in zip([r for r in log_two if "loss" in r], [r for r in log_one if "loss" in r]):
+    log_two, log_one = [r for r in read_log(run_dir) if "loss" in r], [r for r in read_log(full_run) if "loss" in r]
+    assert [r["step"] for r in log_two] == [r["step"] for r in log_one] == list(range(1, STEPS + 1))
+    for a, b in zip(log_two, log_one):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_two_processes_match_one(tmp_path, encoder_ckpt, full_run):
+    out = torchrun(2, cli(tmp_path / "run", encoder_ckpt, STEPS), tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    fingerprints = [r["replica_fingerprints"] for r in read_log(run_dir) if "replica_fingerprints" in r]
+    assert len(fingerprints) == 1 and len(fingerprints[0]) == 2 and fingerprints[0][0] == fingerprints[0][1]
+    assert_two_processes_match_one(run_dir, full_run)
+    log_two, log_one = read_log(run_dir), read_log(full_run)
     eval_two, eval_one = [r["eval"] for r in log_two if "eval" in r], [r["eval"] for r in log_one if "eval" in r]
     assert eval_two[0]["psnr"] == pytest.approx(eval_one[0]["psnr"], rel=1e-4)  # sharded evaluation
     assert eval_two[0]["ssim"] == pytest.approx(eval_one[0]["ssim"], rel=1e-4)
 
 
-POISON_STEP_7_OF_FIRST_ATTEMPT = """
+KILL_RANK_1_AT_STEP_7_OF_FIRST_ATTEMPT = """
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0" and os.environ["RANK"] == "1":
+    import signal
+    step_noise = losses.step_noise
+
+    def killed_at_step_7(seed, step, *args, **kwargs):
+        if step + 1 == 7:
+            os.kill(os.getpid(), signal.SIGKILL)  # no exception, no cleanup: as the OOM killer or a node failure
+        return step_noise(seed, step, *args, **kwargs)
+
+    losses.step_noise = killed_at_step_7
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "1" and os.environ["RANK"] == "1":
+    import time
+    time.sleep(2)  # restarted after rank 0, which must not connect to the killed attempt's rank 1
+"""
+POISON_STEP_3_OF_FIRST_ATTEMPT = """
 if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
     import test_train
-    losses.step_noise = test_train.nan_at_step(losses.step_noise, 7)
+    losses.step_noise = test_train.nan_at_step(losses.step_noise, 3)
 """
 
 
-def test_torchrun_restart_resumes_in_the_default_run_dir(tmp_path, encoder_ckpt, full_run):
-    """torchrun --max-restarts 1 without --run-dir: the first attempt stops on a NaN loss at step 7, after the
-    step-6 checkpoint (by then the weights have moved, as in test_stop_and_resume_is_exact); the restarted
-    worker finds the first attempt's run folder, resumes it at step 6 and ends with the weights and losses of
-    the uninterrupted run, each step logged once."""
+def test_torchrun_restarts_a_killed_worker_in_the_default_run_dir(tmp_path, encoder_ckpt, full_run):
+    """torchrun --standalone --nproc_per_node 2 --max-restarts 1 without --run-dir: rank 1 is killed (SIGKILL)
+    at step 7, after the step-6 checkpoint (by then the weights have moved, as in
+    test_stop_and_resume_is_exact), while rank 0 waits for it in the step's all-reduce; torchrun stops rank 0
+    and restarts both (rank 1 the later: torchrun's store still holds the killed attempt's addresses), which
+    find the first attempt's run folder, resume it at step 6 and end as the uninterrupted run, each step
+    logged once. The launch's note in runs/ is removed when the run ends."""
     args = cli("-", encoder_ckpt, STEPS, PHOTOS, "--ckpt-every", "6")
     del args[args.index("--run-dir"):args.index("--run-dir") + 2]
-    out = torchrun(1, args, tmp_path, launcher=("--max-restarts", "1"), prelude=POISON_STEP_7_OF_FIRST_ATTEMPT,
-                   cwd=tmp_path)
+    out = torchrun(2, args, tmp_path, timeout=300, launcher=("--max-restarts", "1"),
+                   prelude=KILL_RANK_1_AT_STEP_7_OF_FIRST_ATTEMPT, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "non-finite loss or gradient at step 7" in out.stderr
-    runs = [d for d in os.listdir(tmp_path / "runs") if not d.startswith(".")]
-    assert len(runs) == 1
-    run_dir = tmp_path / "runs" / runs[0]
-    assert f"resuming {os.path.join('runs', runs[0])} at step 6" in out.stdout
-    resumed, full = state(run_dir), state(full_run)
-    assert resumed["step"] == STEPS
-    for key in ("model", "ema"):
-        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
-    losses = [(r["step"], r["loss"]) for r in read_log(run_dir) if "loss" in r]
-    assert losses == [(r["step"], r["loss"]) for r in read_log(full_run) if "loss" in r]
+    assert "Signals.SIGKILL" in out.stderr or "exitcode: -9" in out.stderr, out.stderr[-3000:]
+    (run,) = os.listdir(tmp_path / "runs")  # and no note
+    assert f"resuming {os.path.join('runs', run)} at step 6" in out.stdout
+    assert state(tmp_path / "runs" / run)["step"] == STEPS
+    assert_two_processes_match_one(tmp_path / "runs" / run, full_run)
 
 
 def test_torchrun_restart_before_the_first_checkpoint_starts_the_run_again(tmp_path, encoder_ckpt, full_run):
@@ -590,9 +629,8 @@ def test_torchrun_restart_before_the_first_checkpoint_starts_the_run_again(tmp_p
     first checkpoint; the restarted worker starts that run dir again from step 0 (another launch would be
     refused: test_runs.py) and ends as the uninterrupted run, each step logged once."""
     run_dir = tmp_path / "run"
-    poison = POISON_STEP_7_OF_FIRST_ATTEMPT.replace("7)", "3)")
     out = torchrun(1, cli(run_dir, encoder_ckpt, STEPS, PHOTOS, "--ckpt-every", "6"), tmp_path,
-                   launcher=("--max-restarts", "1"), prelude=poison)
+                   launcher=("--max-restarts", "1"), prelude=POISON_STEP_3_OF_FIRST_ATTEMPT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "non-finite loss or gradient at step 3" in out.stderr
     assert f"starting {run_dir} again from step 0" in out.stdout

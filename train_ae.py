@@ -2,8 +2,8 @@
 
     python train_ae.py --data synthetic --size S --im 64 --batch-size 8 --train-encoder --max-steps 200 \
         --lpips-weight 0 --repa-weight 0    # no downloads: runs anywhere
-    torchrun --nproc_per_node 8 train_ae.py --data /imagenet --size M --im 256 --init runs/m128/ema.safetensors \
-        --lr 1e-4 --epochs 100
+    torchrun --standalone --nproc_per_node 8 train_ae.py --data /imagenet --size M --im 256 \
+        --init runs/m128/ema.safetensors --lr 1e-4 --epochs 100
 
 Stages of the recipe (the authors' update of 2025-11-12): 0) encoder + M decoder jointly (--train-encoder,
 --lr 1e-4, --aug-scale 2); 1) each decoder size at 128 px on the frozen shared encoder (--encoder-ckpt),
