@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import data
 import weights
+from model import write_durably
 
 # downloaded on first use; 6726825d is the prefix of its sha256, checked as torch.hub does
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -360,22 +361,26 @@ def main(argv=None):
             device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(device)
     try:
-        # check the folders before the slow part
+        # check the folders, and where the statistics go, before the slow part
         for path in args.paths:
             if not path.endswith(".npz") and not os.path.isdir(path):
                 raise ValueError(f"{path} is neither a folder nor a .npz file")
+        out_dir = os.path.dirname(os.path.abspath(args.save_stats or "."))
+        if args.save_stats and not (os.path.isdir(out_dir) and os.access(out_dir, os.W_OK)):
+            raise ValueError(f"--save-stats {args.save_stats}: cannot write into {out_dir}")
         files = {path: data.same_size_images(path, rank, world_size) for path in args.paths
                  if not path.endswith(".npz")}
         model = load_inception(args.weights, device, flag="--weights") if files else None
         stats = [load_stats(path) if path.endswith(".npz") else
                  folder_stats(model, files[path], args.batch_size, device, path, rank == 0).mean_cov()
                  for path in args.paths]
-    except (ValueError, OSError, RuntimeError) as e:  # a bad folder or file, or weights that could not be downloaded
-        print(f"fid.py: error: {e}", file=sys.stderr)
+        if rank == 0 and args.save_stats:  # atomically: a crash or a full disk leaves no half-written file
+            write_durably(args.save_stats, lambda f: np.savez(f, mu=stats[0][0], sigma=stats[0][1]))
+    except (ValueError, OSError, RuntimeError) as e:  # a bad folder or file, weights that could not be downloaded,
+        print(f"fid.py: error: {e}", file=sys.stderr)  # a full disk
         raise SystemExit(2)
     if rank == 0:
         if args.save_stats:
-            np.savez(args.save_stats, mu=stats[0][0], sigma=stats[0][1])
             print(f"saved mu and sigma of {args.paths[0]} to {args.save_stats}")
         else:
             print(f"FID: {frechet_distance(*stats[0], *stats[1]):.6f}")

@@ -250,6 +250,21 @@ def test_cli_errors(tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", mu=np.zeros(3))
     assert "holds no mu and sigma" in error(tmp_path / "bad.npz", tmp_path / "bad.npz")
 
+def test_cli_save_stats_is_written_atomically(tmp_path, capsys, full_disk):
+    """--save-stats: a folder that cannot be written is refused before the work; a full disk is one error line
+    and leaves neither the file nor a temporary one."""
+    np.savez(tmp_path / "a.npz", mu=np.zeros(3), sigma=np.eye(3))
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(tmp_path / "a.npz"), "--save-stats", str(tmp_path / "missing" / "b.npz")])
+    assert e.value.code == 2 and "cannot write into" in capsys.readouterr().err
+    full_disk(100, "b.npz")
+    with pytest.raises(SystemExit) as e:
+        fid.main([str(tmp_path / "a.npz"), "--save-stats", str(tmp_path / "b.npz")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and err == [f"fid.py: error: no space left on device writing {tmp_path / 'b.npz'}"]
+    assert sorted(os.listdir(tmp_path)) == ["a.npz"]
+
+
 # -----------------------------------------------------------------------------
 # downloads, offline
 
