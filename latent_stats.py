@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import metrics
 import runs
 from model import SSDD, check_image_size, load_safetensors, save_safetensors, write_durably
 
@@ -95,7 +96,7 @@ def encode_shards(model, dataset, shards, batch_size, device, workers, flip, pro
     parts = {"latents": [], "latents_flip": []} if flip else {"latents": []}
     for (k, idx, last), x in zip(batches, loader):
         x = x.to(device)
-        with runs.autocast(device):
+        with metrics.autocast(device):
             parts["latents"].append(model.encode(x).float().cpu())
             if flip:
                 parts["latents_flip"].append(model.encode(x.flip(-1)).float().cpu())
