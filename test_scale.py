@@ -256,3 +256,23 @@ def test_memory_error_names_a_grad_accum_that_fits(monkeypatch, capsys):
             assert fixed + 32 // k * per <= free < fixed + 32 // (k // 2) * per
             runs.check_memory(config, argparse.Namespace(**dict(vars(args), grad_accum=k, checkpoint_activations=
                                                                   "with it" in err)), 32, cpu, train_encoder=False)
+
+
+def test_readme_commands_fit_80_gb_cards():
+    """The README's 512 px finetuning commands for 80 GB cards, one per decoder size: by the memory estimate,
+    the --grad-accum each gives fits on 8 processes with 79 GiB free each, and half of it would not."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")) as f:
+        readme = f.read()
+    block = readme[readme.index("### Fitting the recipe on your GPUs"):]
+    block = block[block.index("```bash"):block.index("```", block.index("```bash") + 7)]
+    commands = [line.split("train_ae.py ", 1)[1].replace("$IMAGENET", "/imagenet").split()
+                for line in block.splitlines() if line.startswith("torchrun --nproc_per_node 8")]
+    sizes = [train_ae.parse_args(argv).size for argv in commands]
+    assert sizes == ["XS", "S", "B", "M", "L", "XL", "H", "XH", "G"]
+    for argv in commands:
+        args = train_ae.parse_args(argv)
+        assert args.im == 512 and args.init and args.lr == 1e-4 and args.batch_size == 256
+        fixed, per_image = runs.training_step_bytes(dict(encoder=args.encoder, decoder=args.size), args, False)
+        need = lambda accum: fixed + 32 // accum * per_image * runs.CUDA_ACTIVATION_SCALE
+        assert need(args.grad_accum) <= 79 * 2**30, args.size
+        assert args.grad_accum == 1 or need(args.grad_accum // 2) > 79 * 2**30, args.size

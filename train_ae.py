@@ -11,9 +11,11 @@ Stages of the recipe (the authors' update of 2025-11-12): 0) encoder + M decoder
 EMA weights (--init .../ema.safetensors, --lr 1e-4, 100 epochs, no scale augmentation). The loss (losses.py) is
     L = MSE(v_hat, x - e) + 0.5 LPIPS_vgg(x0_hat, x) + 0.25 REPA + 1e-6 KL (KL only when the encoder trains),
 optimised by schedule-free RAdam with an EMA of its averaged weights (optim.py), the gradients of the model
-and of the REPA head clipped separately; --gan adds the paper's GAN ablation. The run directory (runs.py)
-holds state.pt (rerunning with the same --run-dir resumes exactly), ema.safetensors, best.safetensors, the
-REPA head beside each (*.repa.safetensors, which --init picks up), args.json, log.jsonl and sample grids.
+and of the REPA head clipped separately; --gan adds the paper's GAN ablation. --grad-accum (micro-batches)
+and --checkpoint-activations fit a step in less GPU memory without changing the training. The run directory
+(runs.py) holds state.pt (rerunning with the same --run-dir resumes exactly), ema.safetensors,
+best.safetensors, the REPA head beside each (*.repa.safetensors, which --init picks up), args.json,
+log.jsonl and sample grids.
 """
 import argparse
 import copy
