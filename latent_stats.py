@@ -124,7 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only the first N images in sorted path order")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch on each process")
     p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per "
-                   "rank (default: this machine's CPUs shared by its ranks, at most 8)")
+                   "rank (default: this machine's CPUs shared by its ranks)")
     p.add_argument("--save-latents", default=None, metavar="OUT", help="also write the latents into this folder "
                    "(a rerun keeps its finished shards)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per latents file")

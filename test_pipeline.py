@@ -132,8 +132,10 @@ def test_end_to_end_outputs_load(pipeline):
     steps = [r for r in log if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, DISTILL_STEPS + 1))
     assert all(math.isfinite(r["fm"]) and r["img_per_s"] > 0 and set(r) >= {"grad_norm", "lr", "epoch"} for r in steps)
-    (ev,) = [r["eval"] for r in log if "eval" in r]
-    assert ev["rfid"] > 0 and 0 < ev["psnr"] < 60
+    evals = [r for r in log if "eval" in r]
+    assert [r["step"] for r in evals] == [6, DISTILL_STEPS]  # every epoch (6 steps), and at the end
+    assert all(r["eval"]["rfid"] > 0 and 0 < r["eval"]["psnr"] < 60 for r in evals)
+    assert state["best_rfid"] == min(r["eval"]["rfid"] for r in evals)
     assert os.path.exists(root / "distill" / "samples" / f"{DISTILL_STEPS:08d}.png")
 
     for name, steps in (("teacher", 8), ("student", 1)):

@@ -154,7 +154,7 @@ def test_accumulation_resumes_exactly(tmp_path, encoder_ckpt, small_networks):
     train_ae.main(cli(tmp_path / "resumed", encoder_ckpt, STEPS - 1, PHOTOS, *gan))
     train_ae.main(cli(tmp_path / "resumed", encoder_ckpt, STEPS, PHOTOS, *gan))
     resumed, full = state(tmp_path / "resumed"), state(tmp_path / "full")
-    assert resumed["step"] == STEPS
+    assert resumed["step"] == STEPS and resumed["args"]["precision"] == "fp32"  # the default on CPU
     for key in ("model", "ema", "optimizer", "disc", "disc_optimizer"):
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0)
     logged = lambda d: [(r["step"], r["loss"], r["critic"]) for r in read_log(d) if "loss" in r]
@@ -205,12 +205,10 @@ def test_checkpointing_keeps_fewer_activations():
 
 
 def test_precision_is_recorded(tmp_path, encoder_ckpt, small_networks, monkeypatch):
-    """--precision: fp32 by default on CPU (bf16 on CUDA), in args.json; bf16 runs the steps and the validation
-    under bfloat16 autocast."""
+    """--precision: by default bf16 on CUDA, fp32 on CPU (recorded in args.json: the resume test checks it);
+    bf16 runs the steps and the validation under bfloat16 autocast."""
     assert metrics.default_precision(torch.device("cuda")) == "bf16"
     assert metrics.default_precision(torch.device("cpu")) == "fp32"
-    train_ae.main(cli(tmp_path / "a", encoder_ckpt, 1))
-    assert json.load(open(tmp_path / "a" / "args.json"))["precision"] == "fp32"
     dtypes = []
 
     def recorded(method):
@@ -229,11 +227,12 @@ def test_precision_is_recorded(tmp_path, encoder_ckpt, small_networks, monkeypat
 
 
 def test_memory_error_names_a_grad_accum_that_fits(monkeypatch, capsys):
-    """M at 256 px with LPIPS and REPA, 32 images per process: the line names the smallest --grad-accum that fits
-    (the memory of 8 images per micro-batch: 4), with --checkpoint-activations when nothing fits without it,
-    and says whether --checkpoint-activations alone fits."""
-    args = train_ae.parse_args(["--data", "x", "--im", "256", "--encoder-ckpt", "e"])
-    config = dict(encoder="f8c4", decoder="M")
+    """32 images per process: the line names the smallest --grad-accum that fits (the memory of 8 images per
+    micro-batch: 4), with --checkpoint-activations when nothing fits without it, and says whether
+    --checkpoint-activations alone fits."""
+    args = train_ae.parse_args(["--data", "x", "--size", TINY, "--im", "64", "--encoder-ckpt", "e", "--lpips-weight",
+                                "0", "--repa-weight", "0"])
+    config = dict(encoder="f8c4", decoder=json.loads(TINY))
     fixed, per_image = runs.training_step_bytes(config, args, train_encoder=False)
     args.checkpoint_activations = True
     recomputed = runs.training_step_bytes(config, args, train_encoder=False)[1]
