@@ -163,6 +163,7 @@ def train(args, rank, world, device):
     model.train()
     for batch in data.batches(train_set, local_batch, rank, world, args.seed, args.num_workers, step, steps_per_epoch,
                               total_steps):
+        # this rank's share of global batch `step` and its noise, drawn per image; then run in accum micro-batches
         t, noise, z_noise = losses.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank,
                                               world, device)
         gan_on = step >= args.gan_start  # before it the GAN's losses weigh 0: the critic steps on a zero loss
