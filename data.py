@@ -126,10 +126,11 @@ class ImageFiles(Dataset):
 
 
 def default_workers():
-    """Data loader processes per rank: the CPUs this process may use, shared by the ranks on this machine, at
-    most 8. More workers than CPUs only compete for them (and torch warns on every run)."""
+    """Data loader processes per rank: the CPUs this process may use, shared by the ranks on this machine (a
+    training image's decode and Lanczos resize keep a core busy: BENCHMARKS.md). More workers than CPUs only
+    compete for them (and torch warns on every run)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return cpus // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ update of 2025-11-12 does) from e to x_T. The student starts as a copy of the te
 saved beside it (*.repa.safetensors) when there is one, and is trained at t = 1 on the same e and z, so its
 one-step output e + D(e, 1, z) regresses onto x_T:
     L = MSE(v_hat, x_T - e) + 0.5 LPIPS_vgg(e + v_hat, x_T) + 0.25 REPA(real image),
-plus, with --gan, the GAN losses with the teacher's samples as the critic's real images. Only the decoder
-(and the REPA head) learns: the student keeps the teacher's encoder, so its latents are the teacher's and it
-can replace the teacher's decoder as it is. Data, optimizer, EMA, validation and the run directory are
-train_ae.py's (data.py, optim.py, runs.py). The saved models decode in one step by default.
+plus, with --gan, the GAN losses (the critic's real images are the dataset's, as in the official loop). Only
+the decoder (and the REPA head) learns: the student keeps the teacher's encoder, so its latents are the
+teacher's and it can replace the teacher's decoder as it is. Data, optimizer, EMA, validation and the run
+directory are train_ae.py's (data.py, optim.py, runs.py). The saved models decode in one step by default.
 """
 import argparse
 import copy
@@ -27,9 +27,15 @@ from tqdm import tqdm
 
 import data
 import losses
+import metrics
 import optim
 import runs
 from model import SSDD
+
+# Periodic validation as the official loop runs it for distillation: every epoch, in the student's one step. A
+# validated image (one decoder evaluation and the encoder) costs about a tenth of a trained one (the teacher's
+# 12 steps, the student's forward and backward passes, the encoder, DINOv2 and LPIPS).
+EVAL_EPOCHS, EVAL_STEPS, EVAL_COST = 1, 1, 0.1
 
 
 def parse_args(argv=None):
@@ -67,13 +73,14 @@ def main(argv=None):
 
 
 def distill(args, rank, world, device):
-    local_batch = args.batch_size // world
+    local_batch, accum = args.batch_size // world, args.grad_accum  # each step: accum micro-batches per rank
     cuda = device.type == "cuda"
+    args.precision = args.precision or metrics.default_precision(device)
     if cuda:
         torch._inductor.config.force_layout_optimization = True  # see train_ae.py
 
     # data, the teacher, and whether a step fits in memory: checked before the run directory is made
-    train_set, val_set, steps_per_epoch, total_steps = runs.training_data(args)
+    train_set, val_set, steps_per_epoch, total_steps = runs.training_data(args, EVAL_EPOCHS, EVAL_COST)
     with runs.input_errors():
         teacher = SSDD.from_checkpoint(args.teacher, encoder=args.encoder_ckpt).requires_grad_(False)
     runs.check_im(args.im, teacher.factor)
@@ -84,6 +91,7 @@ def distill(args, rank, world, device):
     # REPA head equal on every rank
     student = copy.deepcopy(teacher).requires_grad_(True)
     student.default_steps = 1
+    student.decoder.checkpoint_activations = args.checkpoint_activations
     teacher.to(device)
     teacher.time_power = args.teacher_time_power or teacher.time_power
     torch.manual_seed(args.seed)
@@ -102,7 +110,7 @@ def distill(args, rank, world, device):
                                                       critic_optimizer)
         del state
     optimizer.train()
-    loss_weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, gan=args.gan_weight)
+    loss_weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight)
 
     # the frozen networks of the losses, and the FID Inception for validation
     with runs.input_errors():
@@ -128,36 +136,53 @@ def distill(args, rank, world, device):
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0 = time.time()
     model.train()
-    for x in data.batches(train_set, local_batch, rank, world, args.seed, args.num_workers, step, steps_per_epoch,
-                          total_steps):
-        x = x.to(device, non_blocking=True)
-        # train_ae's per-sample noise (independent of the number of ranks, repeated on resume); t and the
-        # posterior noise are unused: t is 1 and z the teacher's mean
+    for batch in data.batches(train_set, local_batch, rank, world, args.seed, args.num_workers, step, steps_per_epoch,
+                              total_steps):
+        # train_ae's per-image noise (independent of the number of ranks and micro-batches, repeated on resume);
+        # t and the posterior noise are unused: t is 1 and z the teacher's mean
         _, noise, _ = losses.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank, world,
                                         device)
-        t = torch.ones(len(x), device=device)
-        gan_on = critic is not None and step >= args.gan_start
-        with runs.autocast(device):
-            with torch.no_grad():
-                z = teacher.encode(x)
-                x_T = teacher.decode(z, steps=args.teacher_steps, noise=noise)
-                target = dino(losses.dinov2_input(x, grid)) if dino is not None else None
-            # at t = 1 the decoder input is exactly the noise, the target velocity x_T - e, x0_hat = e + v_hat
-            terms, out = model(x_T, t, noise, z=z, dino_tokens=target)
-            if lpips is not None:
-                terms["lpips"] = lpips(out["x0_hat"], x_T).float().mean()
-            if gan_on:
-                terms["gan"] = losses.generator_gan_loss(critic, out["x0_hat"], out["x_t"], t)
-        loss = sum(loss_weights[k] * v for k, v in terms.items())
-        loss.backward()
+        gan_on = step >= args.gan_start  # before it the GAN's losses weigh 0: the critic steps on a zero loss
+        step_weights = dict(loss_weights, gan=args.gan_weight * gan_on)
+        logged, fakes = {}, []
+        for i, (x, noise_i) in enumerate(zip(batch.chunk(accum), noise.chunk(accum))):
+            x = x.to(device, non_blocking=True)
+            t = torch.ones(len(x), device=device)
+            with runs.gradient_sync(model, i == accum - 1):
+                with metrics.autocast(device, args.precision):
+                    with torch.no_grad():
+                        z = teacher.encode(x)
+                        x_T = teacher.decode(z, steps=args.teacher_steps, noise=noise_i)
+                        target = dino(losses.dinov2_input(x, grid)) if dino is not None else None
+                    # at t = 1 the decoder input is exactly the noise, the target velocity x_T - e, and
+                    # x0_hat = e + v_hat
+                    terms, out = model(x_T, t, noise_i, z=z, dino_tokens=target)
+                    if lpips is not None:
+                        terms["lpips"] = lpips(out["x0_hat"], x_T).float().mean()
+                    if critic is not None:
+                        critic.train(i == 0)  # its spectral norms' power iteration once per step, whatever accum
+                        terms["gan"] = losses.generator_gan_loss(critic, out["x0_hat"], out["x_t"], t)
+                        fakes.append((x, out["x0_hat"].detach(), out["x_t"].detach(), t))
+                loss = sum(step_weights[k] * v for k, v in terms.items())
+                (loss / accum).backward()  # equal micro-batches: the gradient of the global batch's mean
+            for k, v in dict(loss=loss, **terms).items():
+                logged[k] = logged.get(k, 0) + v.detach() / accum
         norms = raw.clip_grad_norms()  # the student's and the REPA head's, each clipped on its own
-        if gan_on:  # the critic learns with the teacher's samples as the real images
-            terms["critic"], norms["critic_grad_norm"] = losses.critic_step(critic_model, critic_optimizer, x_T,
-                                                                            out["x0_hat"], out["x_t"], t)
-        logged = dict(loss=loss, **norms, **terms)
+        for i, (x, fake, x_t, t) in enumerate(fakes):  # the critic's own term, against the dataset's images
+            with runs.gradient_sync(critic_model, i == accum - 1):
+                critic.train(i == 0)
+                term = losses.critic_gan_loss(critic_model, x, fake, x_t, t)
+                (gan_on * term / accum).backward()  # added to the generator term's gradient
+            logged["critic"] = logged.get("critic", 0) + term.detach() / accum
+        if critic is not None:
+            norms["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.GRAD_CLIP)
+        logged.update(norms)
         runs.stop_unless_finite(logged, step, state_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if critic is not None:
+            critic_optimizer.step()
+            critic_optimizer.zero_grad(set_to_none=True)
         step += 1
         optim.update_ema(ema, student, optimizer, optim.ema_decay(step, args.ema_start))
         window.add(logged, time.time() - t0)  # .item() above synchronised
@@ -167,9 +192,10 @@ def distill(args, rank, world, device):
             record = window.record(step, steps_per_epoch, optimizer.param_groups[0]["scheduled_lr"], args.batch_size)
             log(record)
             pbar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
-        if step % args.eval_every == 0 or step == total_steps:  # the EMA student, in one step (its default)
-            best_rfid = runs.validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid,
-                                      rank, log, runs.repa_head_weights(raw, optimizer), teacher=args.teacher)
+        if step % args.eval_every == 0 or step == total_steps:  # the EMA student
+            best_rfid = runs.validate(ema, val_set, args, local_batch // accum, device, inception, run_dir, step,
+                                      best_rfid, rank, log, EVAL_STEPS, runs.repa_head_weights(raw, optimizer),
+                                      teacher=args.teacher)
         if step % args.ckpt_every == 0 or step == total_steps:
             runs.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, critic,
                                  critic_optimizer, teacher=args.teacher)

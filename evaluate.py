@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--json", metavar="OUT", default=None, help="write the results here as JSON (atomically)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
     p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per "
-                   "rank (default: this machine's CPUs shared by its ranks, at most 8)")
+                   "rank (default: this machine's CPUs shared by its ranks)")
     return p.parse_args(argv)
 
 

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import metrics
 import runs
 from model import (SSDD, check_image_size, load_safetensors, published_url, safetensors_header, save_safetensors,
                    write_durably)
@@ -107,7 +108,7 @@ def encode_shards(model, dataset, shards, batch_size, device, workers, flip, pro
     with tqdm(total=sum(map(len, shards.values())), desc="encoding", disable=not progress, dynamic_ncols=True) as pbar:
         for (k, idx, last), x in zip(batches, loader):
             x = x.to(device)
-            with runs.autocast(device):
+            with metrics.autocast(device):
                 parts["latents"].append(model.encode(x).float().cpu())
                 if flip:
                     parts["latents_flip"].append(model.encode(x.flip(-1)).float().cpu())
@@ -178,7 +179,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only the first N images in sorted path order")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch on each process")
     p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per "
-                   "rank (default: this machine's CPUs shared by its ranks, at most 8)")
+                   "rank (default: this machine's CPUs shared by its ranks)")
     p.add_argument("--save-latents", default=None, metavar="OUT", help="also write the latents into this folder "
                    "(a rerun keeps its finished shards; a folder holding latents of another encoder, other images "
                    "or settings is refused)")

@@ -158,7 +158,7 @@ class TimeGroupNorm(nn.Module):
 
 class Critic(nn.Module):
     """The GAN critic: a PatchGAN in the pix2pix / taming style (n_layers 4, ndf 64, 4x4 convolutions with
-    padding 1 and bias, LeakyReLU 0.2) on concat[x, x_t], x clamped to [-1, 1]; every convolution
+    padding 1 and bias, LeakyReLU 0.2) on concat[x, x_t] clamped to [-1, 1] (x_t too); every convolution
     spectral-normalised (one power iteration per call in train mode), the norms conditioned on t; then the
     mean over positions, Linear(512, 1) and a sigmoid: forward(x, x_t, t) -> (B,) probabilities that x is
     real. x: the real, reconstructed or teacher image; x_t: the decoder's noisy input; t: (B,) times."""
@@ -178,7 +178,7 @@ class Critic(nn.Module):
 
     def forward(self, x, x_t, t):
         temb = self.time_mlp(timestep_embedding(t, self.temb_dim))  # of t itself, not the decoder's 1000 t
-        h = F.leaky_relu(self.convs[0](torch.cat([x.clamp(-1, 1), x_t], dim=1)), 0.2)
+        h = F.leaky_relu(self.convs[0](torch.cat([x, x_t], dim=1).clamp(-1, 1)), 0.2)
         for conv, norm in zip(self.convs[1:], self.norms):
             h = F.leaky_relu(norm(conv(h), temb), 0.2)
         return torch.sigmoid(self.head(h.mean((2, 3)))).squeeze(1)
@@ -198,13 +198,11 @@ def bce(p, label):
 
 
 def generator_gan_loss(critic, fake, x_t, t):
-    """BCE(D(x0_hat, x_t, t), 1) in float32 with autocast off: the gradient reaches the fake images through
-    the critic, not the critic's weights."""
-    critic.requires_grad_(False)
+    """BCE(D(x0_hat, x_t, t), 1) in float32 with autocast off. Its gradient reaches the fake images and, as in
+    the official loop, the critic's weights too: the critic steps on the sum of that gradient (at the
+    generator term's weight) and its own term's."""
     with torch.autocast(fake.device.type, enabled=False):
-        loss = bce(critic(fake.float(), x_t.float(), t.float()), 1.0)
-    critic.requires_grad_(True)
-    return loss
+        return bce(critic(fake.float(), x_t.float(), t.float()), 1.0)
 
 
 def critic_gan_loss(critic, real, fake, x_t, t):
@@ -215,18 +213,6 @@ def critic_gan_loss(critic, real, fake, x_t, t):
         images = torch.cat([real, fake.detach()]).float()
         p_real, p_fake = critic(images, x_t.float().repeat(2, 1, 1, 1), t.float().repeat(2)).chunk(2)
         return (bce(p_real, 1.0) + bce(p_fake, 0.0)) / 2
-
-
-def critic_step(critic, optimizer, real, fake, x_t, t):
-    """One update of the critic: its loss, backward, gradient clipped to norm optim.GRAD_CLIP on its own, and
-    its optimizer's step; returns (loss, the norm before clipping). critic: the Critic or its DDP wrapper.
-    Independent of the model's step (the fakes are detached), so the order of the two does not matter."""
-    loss = critic_gan_loss(critic, real, fake, x_t, t)
-    loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.GRAD_CLIP)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, norm
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,13 +251,15 @@ class TrainingLoss(nn.Module):
 
 def step_noise(seed, step, global_batch, image_shape, latent_shape, rank, world_size, device):
     """t ~ sigmoid(N(0, 1)), e and the posterior noise for this rank's share of global batch `step`. Drawn
-    for the whole global batch from a generator seeded by (seed, step), so each sample gets the same values
-    whatever the number of ranks, and a resumed run the same values as an uninterrupted one."""
+    for the whole global batch from a generator seeded by (seed, step), so each image gets the same values
+    whatever the number of ranks and of micro-batches (--grad-accum), and a resumed run the same values as an
+    uninterrupted one. A share is contiguous (a copy under several ranks), so that the whole batch's noise is
+    freed before the step runs."""
     g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
     t = torch.sigmoid(torch.randn(global_batch, generator=g, device=device))
     noise = torch.randn((global_batch, *image_shape), generator=g, device=device)
     z_noise = torch.randn((global_batch, *latent_shape), generator=g, device=device)
-    return t[rank::world_size], noise[rank::world_size], z_noise[rank::world_size]
+    return tuple(v[rank::world_size].contiguous() for v in (t, noise, z_noise))
 
 
 def loss_networks(lpips_weight, repa_weight, dinov2_weights, device, lpips_backbone=None, lpips_heads=None):

@@ -160,9 +160,22 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def default_precision(device):
+    """bf16 on CUDA (native on A100 and later cards), fp32 elsewhere."""
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def autocast(device, precision=None):
+    """The autocast of the networks' forward passes in a precision: 'bf16' (bfloat16 autocast; the float32
+    islands, such as the Euler sum, the losses and the GAN critic, stay in float32) or 'fp32' (none).
+    Default: default_precision."""
+    precision = precision or default_precision(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.no_grad()
 def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_images=None, inception=None,
-                lpips=None, save_dir=None, workers=4, progress=False):
+                lpips=None, save_dir=None, workers=4, progress=False, precision=None):
     """Reconstruct the first num_images of dataset (default all; sharded over the ranks: a collective call)
     from the latent mean with `steps` Euler steps, the noise of image i from a generator seeded with seed + i,
     so the numbers repeat whatever the batch size or number of ranks. Every metric is computed on the
@@ -171,7 +184,7 @@ def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_imag
     images in [0, 1], over every element of the set), 'encode_img_per_s',
     'decode_img_per_s' (per rank, over the full batches after the first, which warms up and compiles)},
     (originals, reconstructions) of rank 0's first batch in [-1, 1]). save_dir: write the reconstructions
-    there as PNG, under their paths relative to dataset.root (recon_name)."""
+    there as PNG, under their paths relative to dataset.root (recon_name). precision: autocast's."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     n = min(num_images or len(dataset), len(dataset))
     if n < world:
@@ -193,7 +206,7 @@ def reconstruct(model, dataset, batch_size, device, steps=None, seed=0, num_imag
         x, noise = x.to(device), noise.to(device)
         synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, precision):
             z = model.encode(x)
             synchronize(device)
             middle = time.perf_counter()

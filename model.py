@@ -26,6 +26,7 @@ import urllib.request
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # decoder sizes: base channels, channel multipliers per level, transformer depth
 DECODER_SIZES = {
@@ -375,6 +376,16 @@ class TransformerBlock(nn.Module):
         return x + self.ff(self.norm2(x))
 
 
+def run_block(block, recompute, *args):
+    """block(*args); with recompute (activation checkpointing), its intermediate tensors are not kept for the
+    backward pass but recomputed there from its inputs, one more forward of the block for much less memory.
+    The decoder draws no random numbers, so the recomputation repeats the forward exactly without the RNG
+    state being saved."""
+    if recompute:
+        return checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
+    return block(*args)
+
+
 class MidBlock(nn.Module):
     def __init__(self, dim, depth, heads, ctx_ch):
         super().__init__()
@@ -384,7 +395,7 @@ class MidBlock(nn.Module):
         self.proj_out = nn.Linear(dim, dim)
         self.repa_block = min(4, depth // 2)
 
-    def forward(self, x, ctx):
+    def forward(self, x, ctx, recompute=False):
         B, D, H, W = x.shape
         hc, wc = ctx.shape[-2:]
         if (hc, wc) != (H, W):  # latent grid coarser or finer than the token grid: nearest resize
@@ -394,7 +405,7 @@ class MidBlock(nn.Module):
         h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))
         hidden = None
         for i, block in enumerate(self.transformer_blocks):
-            h = block(h, ctx_act, index, (H, W))
+            h = run_block(block, recompute, h, ctx_act, index, (H, W))
             if i == self.repa_block:
                 hidden = h
         h = self.proj_out(h).transpose(1, 2).reshape(B, D, H, W)
@@ -420,12 +431,14 @@ class TimestepEmbedding(nn.Module):
 
 
 class Decoder(nn.Module):
-    """D(x_t, t, z) -> velocity. widths: the four level widths; depth, heads: the middle transformer."""
+    """D(x_t, t, z) -> velocity. widths: the four level widths; depth, heads: the middle transformer.
+    checkpoint_activations: recompute the ResNet and transformer blocks in the backward pass (run_block)."""
 
     def __init__(self, z_channels, factor, widths, depth, heads):
         super().__init__()
         c0, dim = widths[0], widths[-1]
         self.z_channels, self.factor, self.width = z_channels, factor, dim
+        self.checkpoint_activations = False
         self.conv_in = nn.Conv2d(3 + z_channels, c0, 3, padding=1)
         self.time_embedding = TimestepEmbedding(c0, 4 * c0)
         self.ada_ctx_proj = nn.Sequential(nn.Conv2d(z_channels, c0, 3, padding=1), nn.SiLU(),
@@ -475,17 +488,18 @@ class Decoder(nn.Module):
         z_up = F.interpolate(z, size=x_t.shape[-2:], mode="nearest")
         h = self.conv_in(torch.cat([x_t, z_up.to(x_t.dtype)], dim=1))
         skips = [h]
+        recompute = self.checkpoint_activations and torch.is_grad_enabled()
         for level in self.down_blocks:
             for resnet in level.resnets:
-                h = resnet(h, temb_act, ctx)
+                h = run_block(resnet, recompute, h, temb_act, ctx)
                 skips.append(h)
             if hasattr(level, "downsamplers"):
                 h = level.downsamplers[0](h)
                 skips.append(h)
-        h, hidden = self.mid_block(h, ctx)
+        h, hidden = self.mid_block(h, ctx, recompute)
         for level in self.up_blocks:
             for resnet in level.resnets:
-                h = resnet(torch.cat([h, skips.pop()], dim=1), temb_act, ctx)
+                h = run_block(resnet, recompute, torch.cat([h, skips.pop()], dim=1), temb_act, ctx)
             if hasattr(level, "upsamplers"):
                 h = level.upsamplers[0](h)
         v = self.conv_out(F.silu(self.conv_norm_out(h)))

@@ -31,8 +31,8 @@ import fid
 import losses
 import metrics
 import optim
-from model import (SSDD, cache_path, check_image_size, load_safetensors, published_url, save_safetensors,
-                   write_durably)
+from model import (SSDD, ResBlock, TransformerBlock, cache_path, check_image_size, load_safetensors, published_url,
+                   save_safetensors, write_durably)
 
 # ----------------------------------------------------------------------------------------------------------
 # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python script.py` is one process.
@@ -76,10 +76,6 @@ def barrier():
         dist.barrier()
 
 
-def autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def compile_enabled(flag, device):
     """Whether to torch.compile: --compile or --no-compile as given, by default on CUDA only."""
     return device.type == "cuda" if flag is None else flag
@@ -100,6 +96,13 @@ def compile_and_wrap(loss_model, lpips, dino, critic, compile_flag, device):
         if critic is not None:  # DDP's default: its buffers, the spectral norms' vectors, synced from rank 0 every call
             critic_model = DDP(critic, device_ids=[device.index] if cuda else None)
     return model, lpips, dino, critic_model
+
+
+def gradient_sync(module, sync):
+    """The context of one micro-batch's forward and backward passes: a DDP module all-reduces the gradients
+    only when sync (the last micro-batch of an optimizer step); before that they accumulate on each rank
+    (DDP's no_sync), so a step communicates once whatever --grad-accum."""
+    return module.no_sync() if isinstance(module, DDP) and not sync else contextlib.nullcontext()
 
 
 def stop_unless_finite(values, step, state_path):
@@ -125,7 +128,18 @@ def add_run_args(p):
     validation, checkpoints, logging)."""
     p.add_argument("--data", required=True, help="image folder (searched recursively; uses train/ and val/ when "
                    "both exist), or 'synthetic' for generated images")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the processes")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch, split over the processes (and "
+                   "their micro-batches)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step: each process runs "
+                   "batch-size / (processes x K) images at a time, K times, then one step on the accumulated "
+                   "gradients: the same global batch and the same training, in less memory. Steps count "
+                   "optimizer steps")
+    p.add_argument("--checkpoint-activations", action="store_true", help="recompute the decoder's ResNet and "
+                   "transformer blocks in the backward pass instead of keeping their activations: the same "
+                   "gradients in less memory, for one more decoder forward pass per step")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=None, help="bf16: bfloat16 autocast (native "
+                   "on A100 and later GPUs; the default on CUDA), fp32: none (the default on CPU; for older GPUs, "
+                   "which emulate bf16)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
     p.add_argument("--aug-scale", type=float, default=1.0, help="scale augmentation: the short side resized to a "
                    "random length in [im, aug_scale * im) before the crop; 1 (the official default): to im. The "
@@ -138,10 +152,12 @@ def add_run_args(p):
     p.add_argument("--gan", action="store_true", help="add the GAN losses (an ablation, off in the recipe)")
     p.add_argument("--gan-weight", type=float, default=0.5, help="weight of the generator's GAN loss")
     p.add_argument("--gan-start", type=int, default=50_000, help="GAN losses from this step on")
-    p.add_argument("--eval-every", type=int, default=10_000)
-    p.add_argument("--eval-images", type=int, default=None, help="the periodic eval uses the first N validation "
-                   "images in sorted path order (5000 on ImageNet: the paper's ImageNet-5K, classes 0-99); default: "
-                   "5000, or in a short run one per 25 images trained between two validations (at least 16)")
+    p.add_argument("--eval-every", type=int, default=None, help="validate every N optimizer steps (default: the "
+                   "official loop's, every 4 epochs in train_ae.py and every epoch in distill.py)")
+    p.add_argument("--eval-images", type=int, default=None, help="validate on the first N validation images in "
+                   "sorted path order (5000 on ImageNet: the paper's ImageNet-5K, classes 0-99); default: all of "
+                   "them, as the official loop, but in a short run only as many as keep validation at about a "
+                   "tenth of the compute (at least 16)")
     p.add_argument("--ckpt-every", type=int, default=1_000)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on with CUDA")
@@ -149,7 +165,7 @@ def add_run_args(p):
     p.add_argument("--limit", type=int, default=None, help="use only the first N training and N validation images "
                    "in sorted path order")
     p.add_argument("--num-workers", type=int, default=data.default_workers(), help="data loader processes per rank "
-                   "(default: this machine's CPUs shared by its ranks, at most 8)")
+                   "(default: this machine's CPUs shared by its ranks)")
     p.add_argument("--dinov2-weights", default=None, help="local dinov2_vitb14_pretrain.pth (default: download)")
     p.add_argument("--fid-weights", default=None, help="local FID Inception weights (default: download)")
     p.add_argument("--lpips-backbone", default=None, help="local torchvision VGG16 state dict for the LPIPS loss "
@@ -157,9 +173,10 @@ def add_run_args(p):
     p.add_argument("--lpips-heads", default=None, help="local LPIPS v0.1 vgg.pth (default: download)")
 
 
-def training_data(args):
+def training_data(args, eval_epochs, eval_cost):
     """(training set, validation set, steps per epoch, total steps) of a training script, checked before the
-    run directory is made; --eval-images is resolved (eval_images_default)."""
+    run directory is made; the defaults of --eval-every (every eval_epochs epochs) and --eval-images
+    (eval_images_default, eval_cost: the compute of a validated image in trained images) are resolved."""
     with input_errors():
         train_set = data.load_split(args.data, "train", args.im, train=True, aug_scale=args.aug_scale,
                                     limit=args.limit, seed=args.seed, holdout=True)
@@ -170,17 +187,19 @@ def training_data(args):
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps is not None:
         total_steps = min(args.max_steps, total_steps)
-    args.eval_images = eval_images_default(args, total_steps)
+    args.eval_every = args.eval_every or eval_epochs * steps_per_epoch
+    args.eval_images = eval_images_default(args, total_steps, len(val_set), eval_cost)
     return train_set, val_set, steps_per_epoch, total_steps
 
 
-def eval_images_default(args, total_steps):
-    """--eval-images when given, else 5000 (the paper's ImageNet-5K), but in a short run one per 25 images
-    trained between two validations (at least 16): a validated image costs 8 decoder evaluations against
-    about 3 for a trained one, so validation takes about a tenth of the run."""
+def eval_images_default(args, total_steps, val_images, eval_cost):
+    """--eval-images when given, else all val_images (the official loop's whole validation split), but no more
+    than keep validation at about a tenth of the compute of the steps between two validations (at least 16):
+    a short run stays quick. eval_cost: the compute of a validated image in trained images."""
     if args.eval_images is not None:
         return args.eval_images
-    return min(5000, max(16, args.batch_size * min(args.eval_every, total_steps) // 25))
+    trained = args.batch_size * min(args.eval_every, total_steps)
+    return min(val_images, max(16, int(trained / (10 * eval_cost))))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,7 +297,7 @@ def check_run_args(args):
     """The options of add_run_args, and --lr, --epochs and --im, which both training scripts define with their
     own defaults (--im against the encoder's factor: the script's own check). The data folder is checked when
     loaded, before the run directory is made."""
-    check_min(args, 1, "batch_size", "epochs", "max_steps", "eval_every", "eval_images", "ckpt_every",
+    check_min(args, 1, "batch_size", "grad_accum", "epochs", "max_steps", "eval_every", "eval_images", "ckpt_every",
               "log_every", "limit", "aug_scale")
     check_min(args, 0, "num_workers", "lpips_weight", "repa_weight", "gan_weight", "weight_decay", "ema_start",
               "gan_start")
@@ -286,8 +305,9 @@ def check_run_args(args):
     check_im(args.im)
     check_files(args, "dinov2_weights", "fid_weights", "lpips_backbone", "lpips_heads")
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        error(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
+    if args.batch_size % (world * args.grad_accum):
+        error(f"--batch-size {args.batch_size} is not divisible by the {world} processes"
+              + (f" x --grad-accum {args.grad_accum}" if args.grad_accum > 1 else ""))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -582,15 +602,17 @@ def load_inception_or_none(weights, device, rank):
     return inception
 
 
-def validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid, rank, log, repa_head=None,
-             **metadata):
-    """The periodic validation of the EMA model (a collective call): log its metrics, save a grid of
-    originals above reconstructions, keep its weights as best.safetensors (with metadata), and repa_head
-    (repa_head_weights, None without REPA) beside them, when its rFID is the lowest so far. Returns the best
-    rFID. An unreadable validation image, or a failed write, stops the run with one line."""
+def validate(ema, val_set, args, batch_size, device, inception, run_dir, step, best_rfid, rank, log, steps,
+             repa_head=None, **metadata):
+    """The periodic validation of the EMA model with `steps` Euler steps, batch_size images per rank at a time
+    (a collective call): log its metrics, save a grid of originals above reconstructions, keep its weights as
+    best.safetensors (with metadata), and repa_head (repa_head_weights, None without REPA) beside them, when
+    its rFID is the lowest so far. Returns the best rFID. An unreadable validation image, or a failed write,
+    stops the run with one line."""
     with io_errors():
-        scores, (orig, rec) = metrics.reconstruct(ema, val_set, local_batch, device, num_images=args.eval_images,
-                                                  seed=args.seed, inception=inception, workers=args.num_workers)
+        scores, (orig, rec) = metrics.reconstruct(ema, val_set, batch_size, device, steps=steps,
+                                                  num_images=args.eval_images, seed=args.seed, inception=inception,
+                                                  workers=args.num_workers, precision=args.precision)
     log(dict(step=step, eval=scores))
     rfid = scores["rfid"]
     if rank == 0:
@@ -618,7 +640,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per
 def train_flops_per_image(loss_model, lpips, dino, image_shape, latent_shape, device):
     """FLOPs of one training step on one image (forward and backward), counted on an eager batch of 1."""
     x = torch.zeros(1, *image_shape, device=device)
-    with FlopCounterMode(display=False) as counter, autocast(device):
+    with FlopCounterMode(display=False) as counter, metrics.autocast(device):
         target = dino(losses.dinov2_input(x, image_shape[-1] // 8)) if dino is not None else None
         terms, out = loss_model(x, torch.full((1,), 0.5, device=device), torch.randn_like(x),
                                 torch.zeros(1, *latent_shape, device=device), dino_tokens=target)
@@ -639,20 +661,34 @@ def train_flops_per_image(loss_model, lpips, dino, image_shape, latent_shape, de
 CUDA_ACTIVATION_SCALE = 0.25
 
 
-def saved_bytes(fn, modules):
-    """Bytes of the tensors that autograd saves for the backward pass while fn() runs, each storage once, but
-    for the parameters of modules (a layer saves its weight: no memory of its own)."""
-    saved = {}
+def saved_bytes(fn, modules, blocks=()):
+    """(bytes of the tensors that autograd saves for the backward pass while fn() runs, each storage once, but
+    for the parameters of modules (a layer saves its weight: no memory of its own); the largest part of them
+    that a single call of one of the modules in blocks saves)."""
+    saved, within, calls = {}, [], []
     params = {p.untyped_storage()._cdata for m in modules if m is not None for p in m.parameters()}
 
     def pack(t):
-        if t.untyped_storage()._cdata not in params:
-            saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        key = t.untyped_storage()._cdata
+        if key not in params and key not in saved:
+            saved[key] = t.untyped_storage().nbytes()
+            if calls:
+                within[calls[-1]] += saved[key]
         return t
 
+    def enter(module, args):
+        calls.append(len(within))
+        within.append(0)
+
+    def leave(module, args, out):
+        calls.pop()
+
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(saved.values())
+    for h in hooks:
+        h.remove()
+    return sum(saved.values()), max(within, default=0)
 
 
 def training_step_bytes(config, args, train_encoder, teacher=False):
@@ -660,7 +696,9 @@ def training_step_bytes(config, args, train_encoder, teacher=False):
     mode: the weights of the model, of its EMA and of the teacher (distillation) and the frozen networks
     (FID Inception, the LPIPS VGG, DINOv2); the gradients and the optimizer's two copies (schedule-free
     RAdam's z and exp_avg_sq) of what trains; per image, the tensors autograd keeps for the backward pass,
-    counted on a batch of 1 built on the meta device: shapes only, nothing computed or allocated."""
+    counted on a batch of 1 built on the meta device: shapes only, nothing computed or allocated. With
+    --checkpoint-activations the decoder's blocks keep only their inputs, and the backward pass recomputes
+    them one at a time: the most that one block keeps is counted on top."""
     with torch.device("meta"):
         ssdd = SSDD(**config)
         loss_model = losses.TrainingLoss(ssdd, train_encoder, repa=args.repa_weight > 0)
@@ -679,7 +717,12 @@ def training_step_bytes(config, args, train_encoder, teacher=False):
             if critic is not None:
                 critic(out["x0_hat"], out["x_t"], t)
 
-        per_image = saved_bytes(step, [loss_model, vgg, critic])
+        modules = [loss_model, vgg, critic]
+        blocks = [m for m in ssdd.decoder.modules() if isinstance(m, (ResBlock, TransformerBlock))]
+        per_image, largest_block = saved_bytes(step, modules, blocks)
+        if args.checkpoint_activations:
+            ssdd.decoder.checkpoint_activations = True
+            per_image = saved_bytes(step, modules)[0] + largest_block
     count = lambda modules: sum(p.numel() for m in modules if m is not None for p in m.parameters())
     trained = sum(p.numel() for p in loss_model.parameters() if p.requires_grad) + count([critic])
     weights = count([loss_model, ssdd, critic, *frozen])  # ssdd a second time: the EMA
@@ -700,12 +743,39 @@ def available_memory(device):
 
 
 def check_memory(config, args, local_batch, device, train_encoder, teacher=False):
-    """Stop (error) before the run starts when its training step cannot fit in this rank's memory."""
+    """Stop (error) before the run starts when the training step of a micro-batch (local_batch / --grad-accum
+    images) cannot fit in this rank's memory. The line names the smallest --grad-accum that fits, and says
+    whether --checkpoint-activations alone would."""
+    free = available_memory(device)
+    if free is None:
+        return
+    scale = CUDA_ACTIVATION_SCALE if device.type == "cuda" else 1
     fixed, per_image = training_step_bytes(config, args, train_encoder, teacher)
-    if device.type == "cuda":
-        per_image *= CUDA_ACTIVATION_SCALE
-    need, free = fixed + local_batch * per_image, available_memory(device)
-    if free is not None and need > free:
-        error(f"a training step needs about {need / 2**30:.1f} GiB ({fixed / 2**30:.1f} GiB of weights, gradients "
-              f"and optimizer state, {per_image / 2**20:.0f} MiB per image for {local_batch} images per process) "
-              f"but {free / 2**30:.1f} GiB is available on {device.type}: lower --batch-size, --im or --size")
+    need = lambda accum, per_image: fixed + local_batch // accum * per_image * scale
+    if need(args.grad_accum, per_image) <= free:
+        return
+
+    def smallest_accum(per_image):  # None when not even one image per micro-batch fits
+        return next((k for k in range(1, local_batch + 1) if local_batch % k == 0 and need(k, per_image) <= free),
+                    None)
+
+    accum = smallest_accum(per_image)
+    nothing = "not even one image per micro-batch fits: lower --im or --size"
+    if args.checkpoint_activations:
+        advice = f"--grad-accum {accum} fits" if accum else nothing
+    else:
+        recomputed = training_step_bytes(config, argparse.Namespace(**dict(vars(args), checkpoint_activations=True)),
+                                         train_encoder, teacher)[1]
+        alone, with_accum = need(args.grad_accum, recomputed) <= free, smallest_accum(recomputed)
+        if accum:
+            advice = f"--grad-accum {accum} fits" + (", and so does --checkpoint-activations alone" if alone else
+                                                     "; --checkpoint-activations alone does not")
+        elif with_accum:
+            advice = "no --grad-accum fits without --checkpoint-activations, " + (
+                "which alone does" if alone else f"and with it --grad-accum {with_accum} does")
+        else:
+            advice = "even with --checkpoint-activations, " + nothing
+    error(f"a training step needs about {need(args.grad_accum, per_image) / 2**30:.1f} GiB ({fixed / 2**30:.1f} GiB "
+          f"of weights, gradients and optimizer state, {per_image * scale / 2**20:.0f} MiB per image for "
+          f"{local_batch // args.grad_accum} images per micro-batch and process) but {free / 2**30:.1f} GiB is "
+          f"available on {device.type}: {advice}")

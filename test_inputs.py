@@ -106,6 +106,8 @@ def train_argv(*extra):
     (["--im", "56"], "--im 56: images must be at least 64 px"),
     (["--encoder", "f16c4", "--im", "72"], "--im 72: image sides must be divisible by 16"),
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--grad-accum", "3"], "--batch-size 4 is not divisible by the 1 processes x --grad-accum 3"),
     (["--lr", "0"], "--lr must be above 0, got 0.0"),
     (["--lr", "nan"], "--lr must be above 0, got nan"),
     (["--epochs", "0"], "--epochs must be at least 1"),
@@ -303,8 +305,9 @@ def test_evaluation_never_substitutes_an_unreadable_image(capsys, ckpt, files, b
     assert copy.read_bytes() == open(ckpt, "rb").read() and os.listdir(files / "latents") == []
     val = data.load_split(str(bomb_folder), "val", 64)
     with pytest.raises(SystemExit) as e:
-        runs.validate(SSDD.from_checkpoint(ckpt), val, argparse.Namespace(eval_images=9, seed=0, num_workers=0), 4,
-                      torch.device("cpu"), None, str(files / "run"), 10, math.inf, 0, lambda record: None)
+        runs.validate(SSDD.from_checkpoint(ckpt), val, argparse.Namespace(eval_images=9, seed=0, num_workers=0,
+                                                                          precision="fp32"), 4,
+                      torch.device("cpu"), None, str(files / "run"), 10, math.inf, 0, lambda record: None, 1)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {phrase}") and err.count("\n") == 1, err
 
@@ -340,11 +343,13 @@ def test_a_full_disk_is_one_line(capsys, offline, ckpt, files, full_disk):
 
 def test_default_command_stops_on_memory(capsys, monkeypatch):
     """The issue's command (M decoder trained with its encoder, 128 px, batch 256: 227 GiB in float32, OOM-killed
-    without a word at 21 GB) stops before anything is written, on a machine with 16 GiB available."""
+    without a word at 21 GB) stops before anything is written, on a machine with 16 GiB available, naming the
+    --grad-accum that fits."""
     monkeypatch.setattr(runs, "available_memory", lambda device: 16 * 2**30)
     line = stops(capsys, train_ae.main, ["--data", "synthetic", "--train-encoder", "--lpips-weight", "0",
                                          "--repa-weight", "0"], "a training step needs about 226.8 GiB", seconds=10)
-    assert line.endswith("but 16.0 GiB is available on cpu: lower --batch-size, --im or --size")
+    assert line.endswith("but 16.0 GiB is available on cpu: --grad-accum 16 fits; --checkpoint-activations alone "
+                         "does not")
 
 
 def test_tiny_run_passes_the_memory_check(monkeypatch):
@@ -528,25 +533,32 @@ def test_short_run_on_a_flat_folder(offline, capsys, ckpt, tmp_path):
     assert "4 training / 2 validation images (1 in 3 of the images under" in out and "held out of training" in out
     assert "step 1: validation PSNR " in out and " dB, SSIM " in out and "rFID" not in out
     saved = json.load(open("run/args.json"))
-    assert saved["eval_images"] == 16  # batch 2 x 1 step / 25, at least 16 (of the 2 there are)
+    assert saved["eval_images"] == 2  # at least 16 images in a short run, of the 2 there are
 
 
 def test_defaults_fit_the_machine(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)), raising=False)
     assert data.default_workers() == 2  # not 8 on a 2-core machine
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert data.default_workers() == 64  # every core: a rank's data loading keeps several busy
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert data.default_workers() == 8
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
-    assert data.default_workers() == 4
     args = train_ae.parse_args(["--data", "x"])
-    assert args.num_workers == 4 and args.eval_images is None
-    assert runs.eval_images_default(args, 300_000) == 5000  # the paper's ImageNet-5K
+    assert args.num_workers == 8 and args.eval_images is None and args.eval_every is None
+    # ImageNet, 256 images a step, 5004 steps an epoch: the official loop's whole validation split of 50k images,
+    # every 4 epochs in training (a validated image costs about 3 trained ones) and every epoch in distillation
+    args.eval_every = 4 * 5004
+    assert runs.eval_images_default(args, 300 * 5004, 50_000, train_ae.EVAL_COST) == 50_000
+    args.eval_every = 5004
+    assert runs.eval_images_default(args, 10 * 5004, 50_000, distill.EVAL_COST) == 50_000
+    # a short run: validation at about a tenth of its compute, at least 16 images
     args.batch_size, args.eval_every = 8, 25
-    assert runs.eval_images_default(args, 50) == 16  # 200 images trained between validations
+    assert runs.eval_images_default(args, 50, 1000, train_ae.EVAL_COST) == 16  # 200 images trained, 6 validated
     args.batch_size = 256
-    assert runs.eval_images_default(args, 50) == 256
+    assert runs.eval_images_default(args, 50, 1000, train_ae.EVAL_COST) == 213
+    assert runs.eval_images_default(args, 50, 100, train_ae.EVAL_COST) == 100
     args.eval_images = 3
-    assert runs.eval_images_default(args, 50) == 3
+    assert runs.eval_images_default(args, 50, 1000, train_ae.EVAL_COST) == 3
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ Runs use test_train.py's tiny decoder at 64 px on a frozen random f8c4 encoder, 
 one-block DINOv2 with random weights in place of the downloaded ViT-B/14.
 """
 import argparse
+import copy
+import functools
 import json
 import math
 import os
@@ -318,11 +320,11 @@ def test_best_weights_get_their_repa_head(tmp_path, monkeypatch):
     monkeypatch.setattr(metrics, "reconstruct", lambda *a, **k: (dict(rfid=next(rfids), psnr=20.0, ssim=0.5), (x, x)))
     (tmp_path / "samples").mkdir()
     log = runs.RunLog(str(tmp_path), 0)
-    args = argparse.Namespace(eval_images=2, seed=0, num_workers=0)
+    args = argparse.Namespace(eval_images=2, seed=0, num_workers=0, precision="fp32")
     ema = SSDD("f8c4", json.loads(TINY))
     heads = [{"repa_loss.repa_mlp.0.weight": torch.full((2, 2), v)} for v in (1.0, 2.0)]
-    best = runs.validate(ema, None, args, 2, torch.device("cpu"), None, str(tmp_path), 1, math.inf, 0, log, heads[0])
-    best = runs.validate(ema, None, args, 2, torch.device("cpu"), None, str(tmp_path), 2, best, 0, log, heads[1])
+    best = runs.validate(ema, None, args, 2, torch.device("cpu"), None, str(tmp_path), 1, math.inf, 0, log, 1, heads[0])
+    best = runs.validate(ema, None, args, 2, torch.device("cpu"), None, str(tmp_path), 2, best, 0, log, 1, heads[1])
     log.close()
     assert best == 2.0
     saved, _ = load_safetensors(str(tmp_path / "best.repa.safetensors"))
@@ -342,14 +344,19 @@ def plain_timestep_embedding(t, dim):
 
 def plain_critic(critic, x, x_t, t):
     """The critic's forward in plain ops on its (effective) weights."""
+    return plain_critic_on(critic, [conv.weight for conv in critic.convs], x, x_t, t)
+
+
+def plain_critic_on(critic, conv_weights, x, x_t, t):
+    """The same with the given (spectral-normalised) convolution weights."""
     temb = critic.time_mlp[2](F.silu(critic.time_mlp[0](plain_timestep_embedding(t, 128))))
-    h = torch.cat([x.clamp(-1, 1), x_t], dim=1)
-    for i, conv in enumerate(critic.convs):
-        h = F.conv2d(h, conv.weight, conv.bias, stride=2 if i < 4 else 1, padding=1)
+    h = torch.cat([x, x_t], dim=1).clamp(-1, 1)  # x_t too
+    for i, (conv, weight) in enumerate(zip(critic.convs, conv_weights)):
+        h = F.conv2d(h, weight, conv.bias, stride=2 if i < 4 else 1, padding=1)
         if i > 0:  # GroupNorm, then x * (1 + scale) + shift, shift first
             norm = critic.norms[i - 1]
             shift, scale = F.linear(F.silu(temb), norm.proj.weight, norm.proj.bias)[:, :, None, None].chunk(2, dim=1)
-            h = F.group_norm(h, 32, norm.norm.weight, norm.norm.bias, eps=1e-5) * (1 + scale) + shift
+            h = F.group_norm(h, norm.norm.num_groups, norm.norm.weight, norm.norm.bias, eps=1e-5) * (1 + scale) + shift
         h = F.leaky_relu(h, 0.2)
     return torch.sigmoid(F.linear(h.mean((2, 3)), critic.head.weight, critic.head.bias))[:, 0]
 
@@ -384,7 +391,8 @@ def test_critic_architecture():
     torch.testing.assert_close(seen[0], plain_timestep_embedding(t, 128))  # of t itself, cos first
     torch.testing.assert_close(critic(real[:2], x_t[:2], t[:2]), p[:2])  # per sample
     assert (critic(real, x_t, t.flip(0)) - p).abs().max() > 0  # t enters
-    torch.testing.assert_close(critic(3 * real, x_t, t), critic((3 * real).clamp(-1, 1), x_t, t))  # x clamped
+    torch.testing.assert_close(critic(3 * real, x_t, t), critic((3 * real).clamp(-1, 1), x_t, t))  # x clamped,
+    torch.testing.assert_close(critic(real, 3 * x_t, t), critic(real, (3 * x_t).clamp(-1, 1), t))  # and x_t
     # spectral normalisation, one power iteration per call in train mode: u <- W v / |W v|, v <- W^T u / |W^T u|,
     # then weight = W / (u . W v), of spectral norm ~1 (slightly above: the power iteration's estimate of the
     # largest singular value comes from below; without the normalisation these norms are 0.4 to 2.3)
@@ -411,46 +419,149 @@ def test_gan_losses_equal_hand_computed_bce():
         p_real, p_fake = critic(real, x_t, t).double(), critic(fake, x_t, t).double()
     gen = losses.generator_gan_loss(critic, fake, x_t, t)
     assert gen.item() == pytest.approx(-p_fake.log().mean().item(), rel=1e-5)
-    gen.backward()
-    assert fake.grad.abs().sum() > 0 and all(p.grad is None for p in critic.parameters())
-    assert all(p.requires_grad for p in critic.parameters())
+    gen.backward()  # into the fakes, and into the critic's weights too (the official loop)
+    assert fake.grad.abs().sum() > 0 and all(p.grad.abs().sum() > 0 for p in critic.parameters())
     crit = losses.critic_gan_loss(critic, real, fake, x_t, t)
     assert crit.item() == pytest.approx(((-p_real.log().mean() - (1 - p_fake).log().mean()) / 2).item(), rel=1e-5)
+    fake.grad = None
+    crit.backward()
+    assert fake.grad is None  # detached
     # float32 with autocast off: the same numbers inside a bf16 autocast region
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert losses.generator_gan_loss(critic, fake, x_t, t).dtype == torch.float32
         torch.testing.assert_close(losses.generator_gan_loss(critic, fake, x_t, t), gen.detach(), rtol=1e-6, atol=0)
         torch.testing.assert_close(losses.critic_gan_loss(critic, real, fake, x_t, t), crit.detach(), rtol=1e-6, atol=0)
-    # the critic's step: its own gradient only (the fake is detached), clipped to norm 0.1 on its own, then
-    # its optimizer steps (which sees the clipped gradient) and the gradient is cleared
-    fake.grad = None
-    optimizer, grads = torch.optim.SGD(critic.parameters(), lr=1.0), []
-    optimizer.register_step_pre_hook(lambda *_: grads.extend(p.grad.clone() for p in critic.parameters()))
-    before = [p.detach().clone() for p in critic.parameters()]
-    loss, norm = losses.critic_step(critic, optimizer, real, fake, x_t, t)
-    assert loss.item() == pytest.approx(crit.item(), rel=1e-6)
-    assert fake.grad is None and norm > 0.1 and all(p.grad is None for p in critic.parameters())
-    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item() == pytest.approx(0.1, rel=1e-4)
-    for b, p, g in zip(before, critic.parameters(), grads):  # SGD at lr 1: the step is the gradient
-        torch.testing.assert_close(b - p.detach(), g, rtol=0, atol=1e-7)
 
 
-def test_distillation_gan_uses_the_teachers_samples(tmp_path, encoder_ckpt, offline, monkeypatch):
-    """distill.py --gan: the critic's real images are the teacher's samples, the fakes the student's one step."""
-    decoded, critic_calls = [], []
-    decode, critic_step = SSDD.decode, losses.critic_step
-    monkeypatch.setattr(SSDD, "decode", lambda self, *a, **k: decoded.append(decode(self, *a, **k)) or decoded[-1])
-    monkeypatch.setattr(losses, "critic_step", lambda *a: critic_calls.append(a) or critic_step(*a))
-    distill.main(["--teacher", encoder_ckpt, "--teacher-steps", "2", "--data", PHOTOS, "--im", "64", "--batch-size",
-                  "2", "--max-steps", "2", "--run-dir", str(tmp_path), "--lpips-weight", "0", "--repa-weight", "0",
-                  "--num-workers", "0", "--eval-images", "2", "--log-every", "1", "--gan", "--gan-start", "1"])
-    assert len(critic_calls) == 1  # from step 2 on
-    _, _, real, fake, x_t, t = critic_calls[0]
-    assert real is decoded[1] and torch.equal(t, torch.ones(2))
-    log = [r for r in read_log(tmp_path) if "loss" in r]
-    assert "critic" not in log[0] and 0 < log[1]["critic"] < math.inf and 0 < log[1]["gan"] < math.inf
-    s = state(tmp_path)
-    assert {"disc", "disc_optimizer"} <= set(s)
+class PlainCritic:
+    """The critic's training by hand, as the official loop runs it: at every step from step 0, one call of the
+    critic on the fakes for the generator term and one on the real and fake images for its own term (each
+    one power iteration of every spectral norm, u <- W v / |W v|, v <- W^T u / |W^T u|, weight W / (u . W v)),
+    at weights 0 before the GAN starts; the critic's gradient is the sum of both terms' (the generator's at
+    its weight), clipped to norm 0.1, then schedule-free RAdam steps."""
+
+    def __init__(self, critic, lr, weight_decay, gan_weight):
+        self.net = copy.deepcopy(critic)
+        self.uv = [(conv.parametrizations.weight[0]._u.clone(), conv.parametrizations.weight[0]._v.clone())
+                   for conv in critic.convs]
+        self.optimizer = optim.RAdamScheduleFree(optim.param_groups(self.net.named_parameters(), weight_decay), lr=lr)
+        self.optimizer.train()
+        self.gan_weight = gan_weight
+
+    def __call__(self, x, x_t, t):
+        weights = []
+        for i, conv in enumerate(self.net.convs):
+            W = conv.parametrizations.weight.original
+            with torch.no_grad():
+                u = F.normalize(W.flatten(1) @ self.uv[i][1], dim=0)
+                v = F.normalize(W.flatten(1).T @ u, dim=0)
+            self.uv[i] = (u, v)
+            weights.append(W / (u @ W.flatten(1) @ v))
+        return plain_critic_on(self.net, weights, x, x_t, t)
+
+    def step(self, real, fake, x_t, t, on):
+        """Returns (the generator term, the critic's term, the gradient norm before clipping)."""
+        gen = -self(fake, x_t, t).log().mean()
+        p_real, p_fake = self(torch.cat([real, fake]), x_t.repeat(2, 1, 1, 1), t.repeat(2)).chunk(2)
+        crit = (-p_real.log().mean() - (1 - p_fake).log().mean()) / 2
+        params = list(self.net.parameters())
+        grads = torch.autograd.grad(on * (self.gan_weight * gen + crit), params)
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+        for p, g in zip(params, grads):
+            p.grad = g * min(1.0, 0.1 / (norm.item() + 1e-6))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return gen.item(), crit.item(), norm.item()
+
+
+def gan_run(monkeypatch, main, argv, real_images):
+    """Runs main(argv) with --gan, a narrower critic (ndf 32) and the validation recorded; returns the initial
+    critic, for each step the critic's inputs (real, fake, x_t, t) and the dataset images of that step
+    (real_images: the function whose first argument is them, wrapped), and the Euler steps of each
+    validation."""
+    new_critic, critic_gan_loss, reconstruct = losses.new_critic, losses.critic_gan_loss, metrics.reconstruct
+    calls, seen, initial, validations = [], [], [], []
+    owner, name = real_images
+    original = getattr(owner, name)
+
+    def recorded_images(self, x, *args, **kwargs):
+        seen.append(x.clone())
+        return original(self, x, *args, **kwargs)
+
+    def recorded_critic(*args, **kwargs):
+        critic, optimizer = new_critic(*args, **kwargs)
+        initial.append(copy.deepcopy(critic))
+        return critic, optimizer
+
+    def recorded_loss(critic, real, fake, x_t, t):
+        calls.append((real.clone(), fake.detach().clone(), x_t.clone(), t.clone(), seen[-1]))
+        return critic_gan_loss(critic, real, fake, x_t, t)
+
+    def recorded_validation(*args, steps=None, **kwargs):
+        validations.append(steps)
+        return reconstruct(*args, steps=steps, **kwargs)
+
+    monkeypatch.setattr(losses, "Critic", functools.partial(losses.Critic, ndf=32))
+    monkeypatch.setattr(losses, "new_critic", recorded_critic)
+    monkeypatch.setattr(losses, "critic_gan_loss", recorded_loss)
+    monkeypatch.setattr(metrics, "reconstruct", recorded_validation)
+    monkeypatch.setattr(owner, name, recorded_images)
+    main(argv)
+    return initial[0], calls, validations
+
+
+GAN_STEPS, GAN_START = 8, 6  # the critic's weights move from step 5 on (RAdam's warm-up): 2 steps before the GAN
+
+
+def check_critic_run(run_dir, critic, calls, lr):
+    """The run's critic (state.pt) and its logged losses are those of the critic trained by hand (PlainCritic)
+    on the same inputs, the dataset's images as the real ones."""
+    plain = PlainCritic(critic, lr, 1e-2, 0.5)
+    log = [r for r in read_log(run_dir) if "loss" in r]
+    assert len(calls) == len(log) == GAN_STEPS
+    for step, ((real, fake, x_t, t, images), r) in enumerate(zip(calls, log)):
+        assert torch.equal(real, images) and (x_t.abs() > 1).any()  # the clamp of x_t matters
+        gen, crit, norm = plain.step(images, fake, x_t, t, float(step >= GAN_START))
+        assert (r["gan"], r["critic"], r["critic_grad_norm"]) == pytest.approx((gen, crit, norm), rel=1e-6)
+        assert (r["critic_grad_norm"] > 0) == (step >= GAN_START)
+    saved = state(run_dir)
+    want = plain.net.state_dict()
+    for i, (u, v) in enumerate(plain.uv):
+        want[f"convs.{i}.parametrizations.weight.0._u"], want[f"convs.{i}.parametrizations.weight.0._v"] = u, v
+    torch.testing.assert_close(saved["disc"], want, rtol=1e-5, atol=1e-6)  # measured: 3e-7 at most
+    optimizer = plain.optimizer.state_dict()
+    torch.testing.assert_close(saved["disc_optimizer"]["param_groups"], optimizer["param_groups"])
+    for i, want in optimizer["state"].items():  # RAdam's z (~0.1), and its second moments (1e-8 to 1e-7)
+        torch.testing.assert_close(saved["disc_optimizer"]["state"][i]["z"], want["z"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved["disc_optimizer"]["state"][i]["exp_avg_sq"], want["exp_avg_sq"], rtol=1e-3,
+                                   atol=1e-12)
+    moved = max((saved["disc"][k] - v).abs().max().item() for k, v in critic.state_dict().items() if "_u" not in k
+                and "_v" not in k)
+    assert moved > 1e-5  # before the GAN too: weight decay and the schedule-free averaging act on a zero loss
+
+
+def test_gan_in_training_is_the_official_loops(tmp_path, encoder_ckpt, offline, monkeypatch):
+    """train_ae.py --gan, two steps (past RAdam's warm-up) before and two after --gan-start, equals the critic
+    trained by hand: its gradient holds the generator term's, it steps from step 0 on a zero loss until the
+    GAN starts, its real images are the dataset's and its input clamp covers x_t. The periodic validation uses
+    12 Euler steps."""
+    argv = cli(tmp_path, encoder_ckpt, GAN_STEPS, PHOTOS, "--batch-size", "2", "--gan", "--gan-start", str(GAN_START))
+    del argv[argv.index("--eval-every"):argv.index("--eval-every") + 2]
+    critic, calls, validations = gan_run(monkeypatch, train_ae.main, argv, (losses.TrainingLoss, "forward"))
+    assert validations == [12]  # the default: every 4 epochs, here only at the end of the run
+    assert json.load(open(tmp_path / "args.json"))["eval_every"] == 4 * 6
+    check_critic_run(tmp_path, critic, calls, 8e-4)
+
+
+def test_gan_in_distillation_is_the_official_loops(tmp_path, encoder_ckpt, offline, monkeypatch):
+    """distill.py --gan: the same, with the dataset's images (not the teacher's samples) as the critic's real
+    ones. Validation every epoch (6 steps of batch 2), in one step."""
+    argv = ["--teacher", encoder_ckpt, "--teacher-steps", "2", "--data", PHOTOS, "--im", "64", "--batch-size", "2",
+            "--max-steps", str(GAN_STEPS), "--run-dir", str(tmp_path), "--lpips-weight", "0", "--repa-weight", "0",
+            "--num-workers", "0", "--eval-images", "2", "--log-every", "1", "--gan", "--gan-start", str(GAN_START)]
+    critic, calls, validations = gan_run(monkeypatch, distill.main, argv, (SSDD, "encode"))
+    assert validations == [1, 1]  # at the end of the first epoch, and at the end of the run
+    check_critic_run(tmp_path, critic, calls, 1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------

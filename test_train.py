@@ -345,7 +345,11 @@ def test_critic_learns():
     x_t = (1 - t.view(-1, 1, 1, 1)) * real + t.view(-1, 1, 1, 1) * torch.randn_like(real)
     history = []
     for _ in range(30):
-        loss, _ = losses.critic_step(critic, optimizer, real, fake, x_t, t)
+        loss = losses.critic_gan_loss(critic, real, fake, x_t, t)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         history.append(loss.item())
     assert history[-1] < 0.3 * math.log(2) and history[-1] < 0.3 * history[0], history
     # the generator's loss rewards fakes the critic takes for real
@@ -514,9 +518,10 @@ def test_gan_run_and_resume(tmp_path, encoder_ckpt, no_fid):
     gan = ("--gan", "--gan-start", "1", "--ema-start", "3")
     train_ae.main(cli(tmp_path / "full", encoder_ckpt, 7, PHOTOS, *gan))
     log = [r for r in read_log(tmp_path / "full") if "loss" in r]
-    assert all("critic" not in r and "gan" not in r for r in log[:1])  # the log has the terms a step has
-    assert all(0 < r["critic"] < math.inf and 0 < r["gan"] < math.inf and r["critic_grad_norm"] > 0 for r in log[1:])
-    assert all(r["loss"] == pytest.approx(r["fm"] + 0.5 * r.get("gan", 0), rel=1e-5) for r in log)
+    assert all(0 < r["critic"] < math.inf and 0 < r["gan"] < math.inf for r in log)  # logged from step 1
+    assert log[0]["critic_grad_norm"] == 0 and all(r["critic_grad_norm"] > 0 for r in log[1:])  # weight 0 at first
+    assert log[0]["loss"] == pytest.approx(log[0]["fm"], rel=1e-6)
+    assert all(r["loss"] == pytest.approx(r["fm"] + 0.5 * r["gan"], rel=1e-5) for r in log[1:])
     full = state(tmp_path / "full")
 
     train_ae.main(cli(tmp_path / "resumed", encoder_ckpt, 6, PHOTOS, *gan))

@@ -11,9 +11,11 @@ Stages of the recipe (the authors' update of 2025-11-12): 0) encoder + M decoder
 EMA weights (--init .../ema.safetensors, --lr 1e-4, 100 epochs, no scale augmentation). The loss (losses.py) is
     L = MSE(v_hat, x - e) + 0.5 LPIPS_vgg(x0_hat, x) + 0.25 REPA + 1e-6 KL (KL only when the encoder trains),
 optimised by schedule-free RAdam with an EMA of its averaged weights (optim.py), the gradients of the model
-and of the REPA head clipped separately; --gan adds the paper's GAN ablation. The run directory (runs.py)
-holds state.pt (rerunning with the same --run-dir resumes exactly), ema.safetensors, best.safetensors, the
-REPA head beside each (*.repa.safetensors, which --init picks up), args.json, log.jsonl and sample grids.
+and of the REPA head clipped separately; --gan adds the paper's GAN ablation. --grad-accum (micro-batches)
+and --checkpoint-activations fit a step in less GPU memory without changing the training. The run directory
+(runs.py) holds state.pt (rerunning with the same --run-dir resumes exactly), ema.safetensors,
+best.safetensors, the REPA head beside each (*.repa.safetensors, which --init picks up), args.json,
+log.jsonl and sample grids.
 """
 import argparse
 import copy
@@ -27,10 +29,16 @@ from tqdm import tqdm
 
 import data
 import losses
+import metrics
 import optim
 import runs
 import weights
 from model import SSDD, decoder_spec, encoder_weights, parse_encoder_name
+
+# Periodic validation as the official loop runs it: every 4 epochs, with its sampler's default of 12 Euler steps.
+# A validated image (12 decoder evaluations and the encoder) costs about 3 trained ones (the decoder's forward
+# and backward passes, the encoder, DINOv2 and LPIPS: about 4 decoder evaluations).
+EVAL_EPOCHS, EVAL_STEPS, EVAL_COST = 4, 12, 3
 
 
 def parse_args(argv=None):
@@ -88,8 +96,9 @@ def main(argv=None):
 
 
 def train(args, rank, world, device):
-    local_batch = args.batch_size // world
+    local_batch, accum = args.batch_size // world, args.grad_accum  # each step: accum micro-batches per rank
     cuda = device.type == "cuda"
+    args.precision = args.precision or metrics.default_precision(device)
     if cuda:
         # Inductor keeps training graphs NCHW when a 3x3 conv has out_channels * 2 <= in_channels (the up
         # blocks' conv1 on concatenated skips), so cuDNN converts to NHWC and back around every convolution;
@@ -97,7 +106,7 @@ def train(args, rank, world, device):
         torch._inductor.config.force_layout_optimization = True
 
     # data, and whether a step fits in memory: checked before the run directory is made
-    train_set, val_set, steps_per_epoch, total_steps = runs.training_data(args)
+    train_set, val_set, steps_per_epoch, total_steps = runs.training_data(args, EVAL_EPOCHS, EVAL_COST)
     runs.check_memory(dict(encoder=args.encoder, decoder=decoder_size(args.size)), args, local_batch, device,
                       args.train_encoder)
     run_dir, state_path, state = runs.open_run_dir(args.run_dir, "", rank)
@@ -105,6 +114,7 @@ def train(args, rank, world, device):
     # model, EMA, optimizer; the same seed on every rank gives the same initial weights
     torch.manual_seed(args.seed)
     ssdd = SSDD(args.encoder, decoder_size(args.size))
+    ssdd.decoder.checkpoint_activations = args.checkpoint_activations
     raw = losses.TrainingLoss(ssdd, args.train_encoder, repa=args.repa_weight > 0).to(device)
     with runs.input_errors():
         if state is None and args.init:  # an earlier stage's weights and REPA head; --encoder-ckpt's encoder if given
@@ -124,7 +134,7 @@ def train(args, rank, world, device):
                                                       critic_optimizer)
         del state
     optimizer.train()
-    loss_weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight, gan=args.gan_weight)
+    loss_weights = dict(fm=1.0, lpips=args.lpips_weight, repa=args.repa_weight, kl=args.kl_weight)
 
     # the frozen networks of the losses, and the FID Inception for validation
     with runs.input_errors():
@@ -152,30 +162,48 @@ def train(args, rank, world, device):
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     t0 = time.time()
     model.train()
-    for x in data.batches(train_set, local_batch, rank, world, args.seed, args.num_workers, step, steps_per_epoch,
-                          total_steps):
-        x = x.to(device, non_blocking=True)
+    for batch in data.batches(train_set, local_batch, rank, world, args.seed, args.num_workers, step, steps_per_epoch,
+                              total_steps):
+        # this rank's share of global batch `step` and its noise, drawn per image; then run in accum micro-batches
         t, noise, z_noise = losses.step_noise(args.seed, step, args.batch_size, image_shape, latent_shape, rank,
                                               world, device)
-        gan_on = critic is not None and step >= args.gan_start
-        with runs.autocast(device):
-            with torch.no_grad():
-                target = dino(losses.dinov2_input(x, grid)) if dino is not None else None
-            terms, out = model(x, t, noise, z_noise, dino_tokens=target)
-            if lpips is not None:
-                terms["lpips"] = lpips(out["x0_hat"], x).float().mean()
-            if gan_on:
-                terms["gan"] = losses.generator_gan_loss(critic, out["x0_hat"], out["x_t"], t)
-        loss = sum(loss_weights[k] * v for k, v in terms.items())
-        loss.backward()
+        gan_on = step >= args.gan_start  # before it the GAN's losses weigh 0: the critic steps on a zero loss
+        step_weights = dict(loss_weights, gan=args.gan_weight * gan_on)
+        logged, fakes = {}, []
+        for i, micro in enumerate(zip(*(v.chunk(accum) for v in (batch, t, noise, z_noise)))):
+            x, t_i, noise_i, z_noise_i = micro
+            x = x.to(device, non_blocking=True)
+            with runs.gradient_sync(model, i == accum - 1):
+                with metrics.autocast(device, args.precision):
+                    with torch.no_grad():
+                        target = dino(losses.dinov2_input(x, grid)) if dino is not None else None
+                    terms, out = model(x, t_i, noise_i, z_noise_i, dino_tokens=target)
+                    if lpips is not None:
+                        terms["lpips"] = lpips(out["x0_hat"], x).float().mean()
+                    if critic is not None:
+                        critic.train(i == 0)  # its spectral norms' power iteration once per step, whatever accum
+                        terms["gan"] = losses.generator_gan_loss(critic, out["x0_hat"], out["x_t"], t_i)
+                        fakes.append((x, out["x0_hat"].detach(), out["x_t"].detach(), t_i))
+                loss = sum(step_weights[k] * v for k, v in terms.items())
+                (loss / accum).backward()  # equal micro-batches: the gradient of the global batch's mean
+            for k, v in dict(loss=loss, **terms).items():
+                logged[k] = logged.get(k, 0) + v.detach() / accum
         norms = raw.clip_grad_norms()  # the SSDD model's and the REPA head's, each clipped on its own
-        if gan_on:  # the critic learns from the same batch
-            terms["critic"], norms["critic_grad_norm"] = losses.critic_step(critic_model, critic_optimizer, x,
-                                                                            out["x0_hat"], out["x_t"], t)
-        logged = dict(loss=loss, **norms, **terms)
+        for i, (x, fake, x_t, t_i) in enumerate(fakes):  # the critic's own term, against the dataset's images
+            with runs.gradient_sync(critic_model, i == accum - 1):
+                critic.train(i == 0)
+                term = losses.critic_gan_loss(critic_model, x, fake, x_t, t_i)
+                (gan_on * term / accum).backward()  # added to the generator term's gradient
+            logged["critic"] = logged.get("critic", 0) + term.detach() / accum
+        if critic is not None:
+            norms["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.parameters(), optim.GRAD_CLIP)
+        logged.update(norms)
         runs.stop_unless_finite(logged, step, state_path)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if critic is not None:
+            critic_optimizer.step()
+            critic_optimizer.zero_grad(set_to_none=True)
         step += 1
         optim.update_ema(ema, ssdd, optimizer, optim.ema_decay(step, args.ema_start))
         window.add(logged, time.time() - t0)  # .item() above synchronised
@@ -188,8 +216,8 @@ def train(args, rank, world, device):
             log(record)
             pbar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.1f}")
         if step % args.eval_every == 0 or step == total_steps:
-            best_rfid = runs.validate(ema, val_set, args, local_batch, device, inception, run_dir, step, best_rfid,
-                                      rank, log, runs.repa_head_weights(raw, optimizer))
+            best_rfid = runs.validate(ema, val_set, args, local_batch // accum, device, inception, run_dir, step,
+                                      best_rfid, rank, log, EVAL_STEPS, runs.repa_head_weights(raw, optimizer))
         if step % args.ckpt_every == 0 or step == total_steps:
             runs.save_checkpoint(run_dir, step, best_rfid, args, raw, ema, optimizer, rank, log, critic,
                                  critic_optimizer)
