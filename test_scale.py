@@ -265,7 +265,7 @@ def test_readme_commands_fit_80_gb_cards():
     block = readme[readme.index("### Fitting the recipe on your GPUs"):]
     block = block[block.index("```bash"):block.index("```", block.index("```bash") + 7)]
     commands = [line.split("train_ae.py ", 1)[1].replace("$IMAGENET", "/imagenet").split()
-                for line in block.splitlines() if line.startswith("torchrun --nproc_per_node 8")]
+                for line in block.splitlines() if line.startswith("torchrun --standalone --nproc_per_node 8")]
     sizes = [train_ae.parse_args(argv).size for argv in commands]
     assert sizes == ["XS", "S", "B", "M", "L", "XL", "H", "XH", "G"]
     for argv in commands:
