@@ -11,6 +11,9 @@ train for the other; a folder without them is used whole), eval transform (short
 center crop), accumulated in float64 and combined across processes. They are printed and written into the
 checkpoint's metadata (atomically, every tensor and other field kept as it was), where SSDD.from_checkpoint
 reads them: model.normalize_latent(z) = (z - mean) / std, model.denormalize_latent undoes it before decoding.
+A --ckpt given as a URL or a published name (F8C4_M_256) is downloaded as every script downloads it, and the
+statistics go into a copy of it in the current folder, named after its file (F8C4_M_256.safetensors), which
+must not exist yet: the download cache keeps the server's file as it is.
 A checkpoint that holds only a decoder (the authors' decoders for the SD-VAE latent space) takes its encoder from
 --encoder-ckpt, and the statistics are those of that encoder's latents.
 Statistics that are not finite, or a zero std, are refused and not written.
@@ -40,6 +43,7 @@ import json
 import math
 import os
 import re
+import urllib.parse
 
 import torch
 import torch.distributed as dist
@@ -49,8 +53,8 @@ from tqdm import tqdm
 import data
 import metrics
 import runs
-from model import (SSDD, check_image_size, load_safetensors, published_url, safetensors_header, save_safetensors,
-                   write_durably)
+from model import (SSDD, check_image_size, checkpoint_file, load_safetensors, published_url, safetensors_header,
+                   save_safetensors, write_durably)
 
 
 def merge(a, b):
@@ -161,16 +165,25 @@ def check_stats(mean, std, n, path):
                    f"into {path}")
 
 
-def write_stats(path, mean, std):
-    """Set latent_mean and latent_std in the checkpoint's metadata, leaving everything else as it was."""
-    tensors, metadata = load_safetensors(path)
+def stats_file(ckpt):
+    """The file the statistics are written into: --ckpt itself, or for a URL or a published name, the copy in
+    the current folder named after the URL's file."""
+    url = published_url(ckpt) or ckpt
+    return os.path.basename(urllib.parse.urlparse(url).path) if url.startswith(("https://", "http://")) else ckpt
+
+
+def write_stats(source, target, mean, std):
+    """The checkpoint at source, written to target (the same file, or a copy) with latent_mean and latent_std
+    set in its metadata, everything else as it was."""
+    tensors, metadata = load_safetensors(source)
     metadata.update(latent_mean=json.dumps(mean), latent_std=json.dumps(std))
-    save_safetensors(tensors, path, metadata)  # a temporary file renamed over the old one
+    save_safetensors(tensors, target, metadata)  # a temporary file renamed over the old one
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="SSDD .safetensors; its metadata gets the statistics (a local file)")
+    p.add_argument("--ckpt", required=True, help="SSDD .safetensors, whose metadata gets the statistics; a URL or a "
+                   "published name: they go into a copy in the current folder")
     runs.add_encoder_ckpt_arg(p, "--ckpt")
     p.add_argument("--data", required=True, help="image folder, searched recursively (its --split subfolder when it "
                    "has train/ and val/), or 'synthetic'")
@@ -190,11 +203,10 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
-    remote = published_url(args.ckpt) or args.ckpt
-    if remote.startswith(("https://", "http://")):
-        runs.error(f"--ckpt {args.ckpt}: the statistics are written into the checkpoint, so it must be a local file; "
-                   f"download {remote} and give its path")
-    runs.check_files(args, "ckpt")
+    runs.check_files(args, "ckpt", url=True)
+    if stats_file(args.ckpt) != args.ckpt and os.path.exists(stats_file(args.ckpt)):
+        runs.error(f"--ckpt {args.ckpt}: its statistics would go into a copy, {stats_file(args.ckpt)}, which exists "
+                   f"already; give that file as --ckpt, or run elsewhere")
     runs.check_encoder_ckpt(args)
     runs.check_min(args, 1, "limit", "batch_size", "shard_size")
     runs.check_min(args, 0, "num_workers")
@@ -212,7 +224,8 @@ def main(argv=None):
             dataset = data.load_split(args.data, args.split, args.im, limit=args.limit)
             model = SSDD.from_checkpoint(args.ckpt, encoder=args.encoder_ckpt)
             check_image_size(args.im, args.im, model.factor)
-        runs.check_writable(os.path.dirname(os.path.abspath(args.ckpt)), "--ckpt")  # the statistics go into it
+        target = stats_file(args.ckpt)
+        runs.check_writable(os.path.dirname(os.path.abspath(target)), "--ckpt")  # the statistics go there
         out = args.save_latents
         # shard k: images [k * shard_size, (k + 1) * shard_size), computed by rank k % world
         num_shards = math.ceil(len(dataset) / args.shard_size)
@@ -247,14 +260,14 @@ def main(argv=None):
                     idx = torch.tensor(shards[k])
                     save_safetensors(dict(latents, labels=labels[idx], indices=idx), path(k), metadata_now)
         mean, std, n = combine(summary)
-        check_stats(mean, std, n, args.ckpt)
+        check_stats(mean, std, n, target)
         if rank == 0:
             with runs.io_errors():
-                write_stats(args.ckpt, mean, std)
+                write_stats(checkpoint_file(args.ckpt), target, mean, std)  # the download is cached: no second one
             print(f"latent mean {mean:.6g}, std {std:.6g} over {n} elements of {len(dataset)} images; "
-                  f"written into {args.ckpt}")
+                  f"written into {target}")
             if out:
-                index = dict(checkpoint=os.path.abspath(args.ckpt), **settings, latent_mean=mean, latent_std=std,
+                index = dict(checkpoint=os.path.abspath(target), **settings, latent_mean=mean, latent_std=std,
                              classes=classes, shards=names, paths=paths, labels=labels.tolist())
                 with runs.io_errors():
                     write_durably(os.path.join(out, "index.json"), lambda f: json.dump(index, f), "w")

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import evaluate
+import latent_stats
 import model
 from model import SSDD, download, published_url
 
@@ -299,8 +300,9 @@ def test_published_names(monkeypatch):
 
 
 def test_a_name_loads_from_the_hub(server, cache, tmp_path, monkeypatch, evaluated, capsys):
-    """In Python and as evaluate.py --ckpt, downloaded once; a name the server lacks is one line naming the URL
-    and the HTTP status. (The file holds a tiny model: names say nothing of the contents.)"""
+    """In Python, as evaluate.py --ckpt and as latent_stats.py --ckpt (the statistics in a local copy),
+    downloaded once; a name the server lacks is one line naming the URL and the HTTP status. (The file holds a
+    tiny model: names say nothing of the contents.)"""
     torch.manual_seed(0)
     m = SSDD("f16c4", TINY)
     m.save(tmp_path / "tiny.safetensors")
@@ -315,6 +317,20 @@ def test_a_name_loads_from_the_hub(server, cache, tmp_path, monkeypatch, evaluat
     assert results["ckpt"] == "F16C4_M_256" and results["images"] == 2
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in evaluated[0].state_dict().items())
     assert server.requests == [hub + "F16C4/F16C4_M_256.safetensors"]  # downloaded once
+
+    # latent_stats.py writes the statistics into a copy in the current folder; the cached file stays the server's
+    monkeypatch.chdir(tmp_path)
+    mean, std = latent_stats.main(["--ckpt", "F16C4_M_256", "--data", PHOTOS, "--im", "64", "--limit", "2",
+                                   "--num-workers", "0"])
+    copy = SSDD.from_checkpoint(tmp_path / "F16C4_M_256.safetensors")
+    assert (copy.latent_mean, copy.latent_std) == (mean, std)
+    assert SSDD.from_checkpoint("F16C4_M_256").latent_mean is None
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in copy.state_dict().items())
+    assert server.requests == [hub + "F16C4/F16C4_M_256.safetensors"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # a second run would overwrite the copy
+        latent_stats.main(["--ckpt", "F16C4_M_256", "--data", PHOTOS, "--im", "64", "--num-workers", "0"])
+    assert e.value.code == 2 and "F16C4_M_256.safetensors, which exists already" in capsys.readouterr().err
 
     url = f"{server.url}{hub}F8C4/F8C4_XL_512.safetensors"
     one_line_error(lambda: SSDD.from_checkpoint("F8C4_XL_512"), f"could not download {re.escape(url)} \\(HTTP 404 ")

@@ -179,11 +179,6 @@ def test_evaluate_and_latent_stats_bad_arguments(capsys, ckpt, files):
     stops(capsys, evaluate.main, eval_argv(ckpt, "--json", "nowhere/r.json"),
           "--json 'nowhere/r.json': its folder does not exist")
     stops(capsys, latent_stats.main, eval_argv(ckpt, "--shard-size", "0"), "--shard-size must be at least 1")
-    # latent_stats writes into its checkpoint: a URL or a published name is no file for it
-    stops(capsys, latent_stats.main, eval_argv("https://example.com/x.safetensors"), "must be a local file; download "
-          "https://example.com/x.safetensors and give its path")
-    stops(capsys, latent_stats.main, eval_argv("F8C4_M_256"), "/facebook/SSDD/resolve/main/F8C4/F8C4_M_256.safetensors "
-          "and give its path")
     for main in (evaluate.main, latent_stats.main):
         stops(capsys, main, eval_argv(ckpt, "--encoder-ckpt", "missing.safetensors"),
               "--encoder-ckpt 'missing.safetensors' does not exist")
@@ -203,6 +198,7 @@ def test_url_checkpoints_pass_the_checks(capsys):
             train_ae.check_args(train_ae.parse_args(train_argv("--init", url, "--encoder-ckpt", encoder)))
             distill.check_args(distill.parse_args(distill_argv(url, "--encoder-ckpt", encoder)))
             evaluate.check_args(evaluate.parse_args(eval_argv(url, "--encoder-ckpt", encoder)))
+            latent_stats.check_args(latent_stats.parse_args(eval_argv(url, "--encoder-ckpt", encoder)))
     for end in ("/", "/.."):
         bad = "https://example.com/ssdd" + end
         phrase = f"{bad} names no file (its path ends in '{end}')"
