@@ -43,7 +43,6 @@ import json
 import math
 import os
 import re
-import urllib.parse
 
 import torch
 import torch.distributed as dist
@@ -53,8 +52,8 @@ from tqdm import tqdm
 import data
 import metrics
 import runs
-from model import (SSDD, check_image_size, checkpoint_file, load_safetensors, published_url, safetensors_header,
-                   save_safetensors, write_durably)
+from model import (SSDD, check_image_size, checkpoint_file, checkpoint_url, load_safetensors, safetensors_header,
+                   save_safetensors, url_file_name, write_durably)
 
 
 def merge(a, b):
@@ -168,8 +167,8 @@ def check_stats(mean, std, n, path):
 def stats_file(ckpt):
     """The file the statistics are written into: --ckpt itself, or for a URL or a published name, the copy in
     the current folder named after the URL's file."""
-    url = published_url(ckpt) or ckpt
-    return os.path.basename(urllib.parse.urlparse(url).path) if url.startswith(("https://", "http://")) else ckpt
+    url = checkpoint_url(ckpt)
+    return url_file_name(url) if url else ckpt
 
 
 def write_stats(source, target, mean, std):
@@ -204,9 +203,10 @@ def parse_args(argv=None):
 def check_args(args):
     """Every argument, before anything is built or written: a bad one is one `error:` line, exit status 2."""
     runs.check_files(args, "ckpt", url=True)
-    if stats_file(args.ckpt) != args.ckpt and os.path.exists(stats_file(args.ckpt)):
-        runs.error(f"--ckpt {args.ckpt}: its statistics would go into a copy, {stats_file(args.ckpt)}, which exists "
-                   f"already; give that file as --ckpt, or run elsewhere")
+    target = stats_file(args.ckpt)
+    if target != args.ckpt and os.path.exists(target):
+        runs.error(f"--ckpt {args.ckpt}: its statistics would go into a copy, {target}, which exists already; give "
+                   f"that file as --ckpt, or run elsewhere")
     runs.check_encoder_ckpt(args)
     runs.check_min(args, 1, "limit", "batch_size", "shard_size")
     runs.check_min(args, 0, "num_workers")
@@ -243,8 +243,7 @@ def main(argv=None):
             metadata_now = {k: json.dumps(v) for k, v in settings.items()}  # safetensors metadata holds strings
             with runs.input_errors():
                 os.makedirs(out, exist_ok=True)
-            runs.check_writable(out, "--save-latents")
-            with runs.input_errors():
+                runs.check_writable(out, "--save-latents")
                 for k in [k for k in finished_shards(out, names, metadata_now) if k in shards]:
                     summary = merge(summary, summarize(load_safetensors(path(k))[0]["latents"]))
                     del shards[k]

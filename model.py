@@ -835,9 +835,11 @@ def encoder_weights(path, sha256=None, sd_vae=False):
     if path == "sd-vae-ft-mse":  # the hub's file name is generic: cache the named VAE under its own name
         path = download(SD_VAE_URL, sha256, hint, file_name="sd-vae-ft-mse.safetensors")
     path = checkpoint_file(path, sha256, hint)
-    tensors, _ = load_safetensors(path)
-    if not sd_vae and "quant_conv.weight" not in tensors:
+    with open(path, "rb") as f:  # the header tells the kinds apart: the file's data is read once
+        names = safetensors_header(f, path)[0]
+    if not sd_vae and "quant_conv.weight" not in names:
         return SSDD.from_checkpoint(path).encoder.state_dict()
+    tensors, _ = load_safetensors(path)
     check_finite({k: t for k, t in tensors.items() if k.startswith(("encoder.", "quant_conv."))}, path)
     with torch.device("meta"):  # only the names and shapes
         encoder = Encoder(8, 4)
@@ -884,11 +886,18 @@ def published_url(name):
     return f"{endpoint}/facebook/SSDD/resolve/main/{folder}{name}.safetensors"
 
 
+def checkpoint_url(path):
+    """The URL a checkpoint argument names: itself when it is an http(s):// URL, a published name's
+    (published_url), or None for a local path."""
+    path = str(path)
+    return published_url(path) or (path if path.startswith(("https://", "http://")) else None)
+
+
 def checkpoint_file(path, sha256=None, hint=None):
     """The local file of a checkpoint named by a path, an http(s):// URL or a published name (published_url): a
     URL is downloaded once (see download, which takes sha256 and hint)."""
-    url = published_url(str(path)) or str(path)
-    return download(url, sha256, hint) if url.startswith(("https://", "http://")) else path
+    url = checkpoint_url(path)
+    return download(url, sha256, hint) if url else path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -903,14 +912,21 @@ MAX_DOWNLOAD = 64 * 2**30  # bytes, without a Content-Length (a G checkpoint in 
 STALE_AGE = 3600  # seconds: a download's temporary file unchanged this long is one a killed process left
 
 
-def cache_path(url, file_name=None):
-    """Where download caches url: <torch hub dir>/checkpoints/<the first 16 hex digits of the URL's
-    sha256>-<file_name, default the URL's file name>. Keyed by the whole URL, since hub files share a few names
-    (model.safetensors; diffusion_pytorch_model.safetensors for sd-vae-ft-mse and the SDXL VAE): two URLs
-    never share a file. A URL whose path ends in /, /. or /.. names no file: a ValueError."""
-    name = file_name or os.path.basename(urllib.parse.urlparse(url).path)
+def url_file_name(url):
+    """The name of the file at url, the last part of its path; a URL whose path ends in /, /. or /.. names no
+    file: a ValueError."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
     if name in ("", ".", ".."):
         raise ValueError(f"{url} names no file (its path ends in {'/' + name!r})")
+    return name
+
+
+def cache_path(url, file_name=None):
+    """Where download caches url: <torch hub dir>/checkpoints/<the first 16 hex digits of the URL's
+    sha256>-<file_name, default url_file_name(url)>. Keyed by the whole URL, since hub files share a few names
+    (model.safetensors; diffusion_pytorch_model.safetensors for sd-vae-ft-mse and the SDXL VAE): two URLs
+    never share a file."""
+    name = file_name or url_file_name(url)
     return os.path.join(torch.hub.get_dir(), "checkpoints", f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{name}")
 
 
@@ -933,11 +949,7 @@ def download(url, sha256=None, hint=None, file_name=None):
             raise RuntimeError(f"{path} has sha256 {digest}, expected {sha256} for {url}: damaged, or the file "
                                f"changed; remove it to download again")
         if safetensors:
-            try:
-                with open(path, "rb") as f:
-                    safetensors_header(f, path)
-            except ValueError as e:
-                raise RuntimeError(f"{e}; remove it to download again") from None
+            check_header(path, path, "remove it to download again")
         return path
 
     def unavailable(why):
@@ -982,11 +994,7 @@ def download(url, sha256=None, hint=None, file_name=None):
                                f"corrupt, or the file changed; not kept")
         if safetensors:  # a body cut short without a Content-Length, or not safetensors at all
             f.flush()
-            try:
-                with open(f.name, "rb") as g:
-                    safetensors_header(g, url)
-            except ValueError as e:
-                raise RuntimeError(f"{e}; not kept") from None
+            check_header(f.name, url, "not kept")
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     for tmp in glob.glob(glob.escape(path) + ".tmp*"):  # write_durably's path.tmp<pid>
@@ -997,6 +1005,16 @@ def download(url, sha256=None, hint=None, file_name=None):
             pass
     write_durably(path, fetch)
     return path
+
+
+def check_header(file, name, advice):
+    """A one-line RuntimeError, what safetensors_header finds wrong (naming the file as name) and then advice,
+    unless the .safetensors file at file parses."""
+    try:
+        with open(file, "rb") as f:
+            safetensors_header(f, name)
+    except ValueError as e:
+        raise RuntimeError(f"{e}; {advice}") from None
 
 
 def file_sha256(path):

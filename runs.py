@@ -31,8 +31,8 @@ import fid
 import losses
 import metrics
 import optim
-from model import (SSDD, ResBlock, TransformerBlock, cache_path, check_image_size, load_safetensors, published_url,
-                   save_safetensors, write_durably)
+from model import (SSDD, ResBlock, TransformerBlock, check_image_size, checkpoint_url, load_safetensors,
+                   save_safetensors, url_file_name, write_durably)
 
 # ----------------------------------------------------------------------------------------------------------
 # Processes: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python script.py` is one process.
@@ -247,14 +247,14 @@ def check_writable(folder, option):
 
 def check_files(args, *names, url=False):
     """Each of these options (None: not given) must name an existing file; url: an http(s):// URL of a file or
-    the name of a published checkpoint (model.published_url) is taken too (model.py downloads it)."""
+    the name of a published checkpoint (model.checkpoint_url) is taken too (model.py downloads it)."""
     for name in names:
         path = getattr(args, name)
-        if path is None or url and published_url(path):
+        if path is None:
             continue
-        if url and path.startswith(("https://", "http://")):
+        if url and (address := checkpoint_url(path)):
             try:
-                cache_path(path)
+                url_file_name(address)
             except ValueError as e:
                 error(f"--{name.replace('_', '-')} {e}")
         elif not os.path.isfile(path):
