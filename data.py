@@ -66,6 +66,11 @@ class UnreadableImage(ValueError):
 PILLOW_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def unreadable(path, e):
+    """The UnreadableImage of a Pillow error e about the file at path, on one line."""
+    return UnreadableImage(f"cannot read image {path}: {' '.join(str(e).split())}")
+
+
 def open_rgb(path):
     """The image file at path as an 8-bit RGB PIL image, the one way every script reads images; a file that
     cannot be read is an UnreadableImage naming it. 16-bit grayscale (Pillow's modes I;16 and I) is scaled
@@ -80,7 +85,7 @@ def open_rgb(path):
                 return Image.fromarray(np.clip(np.round(v), 0, 255).astype(np.uint8)).convert("RGB")
             return im.convert("RGB")
     except PILLOW_ERRORS as e:
-        raise UnreadableImage(f"cannot read image {path}: {' '.join(str(e).split())}") from None
+        raise unreadable(path, e) from None
 
 
 def load_image(path):
@@ -93,7 +98,7 @@ def image_size(path):
         with Image.open(path) as im:  # reads the header only
             return im.size
     except PILLOW_ERRORS as e:
-        raise UnreadableImage(f"cannot read image {path}: {' '.join(str(e).split())}") from None
+        raise unreadable(path, e) from None
 
 
 def same_size_images(root, rank=0, world_size=1):

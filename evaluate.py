@@ -75,11 +75,12 @@ def check_args(args):
     if args.save_recons and os.path.exists(args.save_recons) and not os.path.isdir(args.save_recons):
         runs.error(f"--save-recons {args.save_recons!r} is a file, not a folder")
     if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
         if os.path.isdir(args.json):
             runs.error(f"--json {args.json!r} is a folder, not a file")
-        if not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        if not os.path.isdir(folder):
             runs.error(f"--json {args.json!r}: its folder does not exist")
-        runs.check_writable(os.path.dirname(os.path.abspath(args.json)), "--json")
+        runs.check_writable(folder, "--json")
 
 
 def check_recons_folder(folder, names, root):
